@@ -1,0 +1,461 @@
+"""The public op surface: ``from otca_fast import ops``.
+
+Five ops cover the per-step work of GRPO on flow-matching generators:
+
+* :func:`sde_step`          — one rollout step (sample x' and its log-prob);
+* :func:`sde_step_logprob`  — the differentiable log-prob of a stored step;
+* :func:`group_advantages`  — GRPO group z-scores of one or several rewards;
+* :func:`credit_advantages` — z-scores × objective mix × timestep credit → A[n, t] in one launch;
+* :func:`grpo_step_loss`    — log-prob, ratio, clipped surrogate and KL, fused forward and backward.
+
+Each op validates its inputs (errors name the argument and say expected vs got), then dispatches
+to the Triton kernels when the tensors live on CUDA (or when ``TRITON_INTERPRET=1`` runs Triton on
+the CPU) and to the pure-torch ``otca_fast.reference`` otherwise. ``OTCA_FAST_BACKEND=triton`` or
+``=reference`` forces one. This module imports nothing beyond torch until a kernel is needed, so it
+can be dropped into any GRPO codebase.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from otca_fast import reference
+
+__all__ = [
+    "sde_step", "sde_step_logprob", "group_advantages", "credit_advantages", "grpo_step_loss",
+    "backend_for", "DYNAMICS",
+]
+
+DYNAMICS = reference.DYNAMICS
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STEP_DTYPES = _FLOAT_DTYPES
+SigmaLike = float | torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(*tensors: torch.Tensor) -> str:
+    """``"triton"`` or ``"reference"`` for an op on these tensors (see the module docstring)."""
+    forced = os.environ.get("OTCA_FAST_BACKEND", "").strip().lower()
+    on_cuda = any(t.is_cuda for t in tensors)
+    if forced == "reference":
+        return "reference"
+    if forced == "triton":
+        if not _triton_available():
+            raise RuntimeError("OTCA_FAST_BACKEND=triton but triton is not installed (pip install triton)")
+        if not on_cuda and not _interpreting():
+            raise RuntimeError("OTCA_FAST_BACKEND=triton needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                               "before otca_fast.kernels is imported to run the kernels on the CPU")
+        return "triton"
+    if forced not in ("", "auto"):
+        raise ValueError(f"OTCA_FAST_BACKEND: expected 'triton', 'reference' or 'auto', got {forced!r}")
+    if _triton_available() and (on_cuda or _interpreting()):
+        return "triton"
+    return "reference"
+
+
+def _kernels():
+    from otca_fast.kernels import advantages, grpo_loss, sde_step as sde_kernels
+    return sde_kernels, grpo_loss, advantages
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+def _check_tensor(name: str, value, *, dtypes=None, dim=None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_latents(sample: torch.Tensor, **others: torch.Tensor | None) -> None:
+    _check_tensor("sample", sample, dtypes=_STEP_DTYPES)
+    if sample.dim() < 2 or sample.shape[0] == 0 or sample[0].numel() == 0:
+        raise ValueError(f"sample: expected a non-empty [B, ...] tensor with at least 2 dims, got shape "
+                         f"{tuple(sample.shape)}")
+    for name, t in others.items():
+        if t is None:
+            continue
+        _check_tensor(name, t, dtypes=_STEP_DTYPES)
+        if t.shape != sample.shape:
+            raise ValueError(f"{name}: expected shape {tuple(sample.shape)} (the shape of sample), got {tuple(t.shape)}")
+        if t.device != sample.device:
+            raise ValueError(f"{name}: expected device {sample.device} (the device of sample), got {t.device}")
+        if t.dtype != sample.dtype:
+            raise TypeError(f"{name}: expected dtype {sample.dtype} (the dtype of sample), got {t.dtype}")
+
+
+def _host_vector(name: str, value, batch: int) -> torch.Tensor:
+    """A float / 0-d / [B] value as a float64 CPU [B] tensor, checked finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: expected a float, a 0-d tensor or a [B] tensor, got {type(value).__name__}")
+    t = torch.as_tensor(value).detach()
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected a real number, got dtype {t.dtype}")
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != batch):
+        raise ValueError(f"{name}: expected a float, a 0-d tensor or a [{batch}] tensor, got shape {tuple(t.shape)}")
+    t = t.to(device="cpu", dtype=torch.float64).expand(batch)
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected finite values, got {float(t[i])} at index {i}")
+    return t
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_coefficients(sigma: float, sigma_next: float, sigma_max: float | None, batch: int,
+                         dynamics: str, noise_level: float, device: torch.device) -> torch.Tensor:
+    return _coefficient_table(torch.full((batch,), sigma, dtype=torch.float64),
+                              torch.full((batch,), sigma_next, dtype=torch.float64),
+                              None if sigma_max is None else torch.full((batch,), sigma_max, dtype=torch.float64),
+                              dynamics, noise_level, device)
+
+
+def _coefficient_table(sig, sig_next, smax, dynamics, noise_level, device) -> torch.Tensor:
+    coef = reference.step_coefficients(sig, sig_next, dynamics=dynamics, noise_level=noise_level, sigma_max=smax)
+    return torch.stack([c.float() for c in coef]).to(device)  # [5, B]: alpha, beta, std, gamma, const
+
+
+def _step_coefficients(sample: torch.Tensor, sigma, sigma_next, sigma_max, dynamics: str,
+                       noise_level) -> reference.StepCoefficients:
+    """Validated per-row scalars as float32 [B] tensors on ``sample``'s device."""
+    if dynamics not in DYNAMICS:
+        raise ValueError(f"dynamics: expected one of {DYNAMICS}, got {dynamics!r}")
+    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not math.isfinite(noise_level):
+        raise TypeError(f"noise_level: expected a finite float, got {noise_level!r}")
+    if dynamics in reference.GAUSSIAN_DYNAMICS and noise_level <= 0:
+        raise ValueError(f"noise_level: {dynamics} is a Gaussian policy and needs noise_level > 0, got {noise_level}")
+    if dynamics == "cps" and not 0 < noise_level <= 1:
+        raise ValueError(f"noise_level: cps needs 0 < noise_level <= 1 (std = sigma_next*sin(a*pi/2)), got {noise_level}")
+    batch = sample.shape[0]
+    sig = _host_vector("sigma", sigma, batch)
+    sig_next = _host_vector("sigma_next", sigma_next, batch)
+    if ((sig <= 0) | (sig > 1)).any():
+        raise ValueError(f"sigma: expected values in (0, 1] (1 = pure noise), got {sig.tolist()}")
+    if (sig_next < 0).any():
+        raise ValueError(f"sigma_next: expected values >= 0, got {sig_next.tolist()}")
+    if not (sig_next < sig).all():
+        i = int((sig_next >= sig).nonzero()[0, 0])
+        raise ValueError(f"sigma_next: expected sigma_next < sigma (sigma runs from 1 to 0), got sigma_next="
+                         f"{float(sig_next[i])} >= sigma={float(sig[i])} at index {i}")
+    smax = None
+    if dynamics == "flow_sde" and (sig == 1).any():
+        if sigma_max is None:
+            raise ValueError("sigma_max: flow_sde at sigma = 1 needs sigma_max (the schedule's second sigma, "
+                             "which replaces 1 - sigma in the noise scale as Flow-GRPO does); got None")
+        smax = _host_vector("sigma_max", sigma_max, batch)
+        if ((smax <= 0) | (smax >= 1)).any():
+            raise ValueError(f"sigma_max: expected values in (0, 1), got {smax.tolist()}")
+    if sig.unique().numel() == 1 and sig_next.unique().numel() == 1 and (smax is None or smax.unique().numel() == 1):
+        table = _cached_coefficients(float(sig[0]), float(sig_next[0]), None if smax is None else float(smax[0]),
+                                     batch, dynamics, float(noise_level), sample.device)
+    else:
+        table = _coefficient_table(sig, sig_next, smax, dynamics, float(noise_level), sample.device)
+    return reference.StepCoefficients(*table.unbind(0))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).contiguous()
+
+
+def _check_row_vector(name: str, t, batch: int, device: torch.device) -> torch.Tensor:
+    _check_tensor(name, t, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), dim=1)
+    if t.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape ({batch},) (one value per row of sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of sample), got {t.device}")
+    return t
+
+
+def _raise_if_not_finite(name: str, t: torch.Tensor, what: str = "index") -> None:
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        where = idx[0] if len(idx) == 1 else idx
+        raise ValueError(f"{name}: expected finite values, got {float(t[idx])} at {what} {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd Functions over the Triton kernels
+# ---------------------------------------------------------------------------------------------
+
+class _StepLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v, xp, alpha, beta, gamma, const, reduction):
+        sde_kernels = _kernels()[0]
+        partial_sq, _, _, _ = sde_kernels.step_partials(x, v, alpha, beta, xp=xp)
+        d = x.shape[1]
+        log_prob = sde_kernels.finalize_logprob(partial_sq, gamma, const, d, reduction)
+        scale = 2.0 / d if reduction == "mean" else 2.0
+        ctx.save_for_backward(x, v, xp, alpha, beta, gamma * beta * scale)
+        return log_prob
+
+    @staticmethod
+    def backward(ctx, grad_log_prob):
+        x, v, xp, alpha, beta, c1 = ctx.saved_tensors
+        grad = _kernels()[0].step_backward(x, v, xp, alpha, beta, c1, grad_log_prob)
+        return None, grad, None, None, None, None, None, None
+
+
+class _GRPOStepLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v, xp, vref, old_log_prob, advantages, alpha, beta, gamma, const, clip_range, kl_beta):
+        sde_kernels, grpo_kernels, _ = _kernels()
+        partial_sq, partial_kl, _, _ = sde_kernels.step_partials(x, v, alpha, beta, xp=xp, vref=vref)
+        d = x.shape[1]
+        log_prob = sde_kernels.finalize_logprob(partial_sq, gamma, const, d, "mean")
+        loss, stats, c1, c2 = grpo_kernels.grpo_rows(log_prob, old_log_prob, advantages, gamma, beta,
+                                                     partial_kl, d, clip_range, kl_beta)
+        ctx.save_for_backward(x, v, xp, vref if vref is not None else x, alpha, beta, c1, c2 if c2 is not None else c1)
+        ctx.has_ref = vref is not None
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        x, v, xp, vref, alpha, beta, c1, c2 = ctx.saved_tensors
+        grad = _kernels()[0].step_backward(x, v, xp, alpha, beta, c1, grad_loss,
+                                           vref=vref if ctx.has_ref else None, c2=c2 if ctx.has_ref else None)
+        return (None, grad) + (None,) * 10
+
+
+_STAT_NAMES = ("log_prob", "ratio", "clipped", "approx_kl", "kl")
+
+
+# ---------------------------------------------------------------------------------------------
+# public ops
+# ---------------------------------------------------------------------------------------------
+
+def sde_step(sample: torch.Tensor, model_output: torch.Tensor, sigma: SigmaLike, sigma_next: SigmaLike, *,
+             dynamics: str = "flow_sde", noise_level: float = 0.7, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, sigma_max: SigmaLike | None = None):
+    """One rollout step σ → σ': ``(prev_sample, log_prob, prev_sample_mean, std)``.
+
+    ``prev_sample`` = μ + std·ε in ``sample``'s dtype; ``log_prob`` ``[B]`` float32 is the
+    (element-averaged) log-density of that *stored* ``prev_sample``, so feeding it back into
+    :func:`grpo_step_loss` gives a ratio of exactly 1; ``std`` ``[B]`` float32. ``noise`` (``ε``,
+    the shape of ``sample``) is drawn from ``generator`` when not given. A rollout op: its outputs
+    carry no autograd graph (train through :func:`sde_step_logprob` or :func:`grpo_step_loss`).
+    """
+    _check_latents(sample, model_output=model_output)
+    if noise is not None:
+        _check_tensor("noise", noise, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if noise.shape != sample.shape or noise.device != sample.device:
+            raise ValueError(f"noise: expected shape {tuple(sample.shape)} on {sample.device}, "
+                             f"got {tuple(noise.shape)} on {noise.device}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    with torch.no_grad():
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        if backend_for(sample, model_output) == "reference":
+            mean = reference.step_mean(sample, model_output, coef)
+            prev = (mean + coef.std.view(-1, *([1] * (sample.dim() - 1))) * noise.float()).to(sample.dtype)
+            log_prob = reference.logprob_from_mean(prev, mean, coef, "mean")
+            return prev, log_prob, mean.to(sample.dtype), coef.std
+        sde_kernels = _kernels()[0]
+        x = _flat(sample)
+        partial_sq, _, prev, mean = sde_kernels.step_partials(x, _flat(model_output), coef.alpha, coef.beta,
+                                                              noise=_flat(noise), std=coef.std)
+        log_prob = sde_kernels.finalize_logprob(partial_sq, coef.gamma, coef.const, x.shape[1], "mean")
+        return prev.view(sample.shape), log_prob, mean.view(sample.shape), coef.std
+
+
+def sde_step_logprob(sample: torch.Tensor, model_output: torch.Tensor, prev_sample: torch.Tensor,
+                     sigma: SigmaLike, sigma_next: SigmaLike, *, dynamics: str = "flow_sde",
+                     noise_level: float = 0.7, reduction: str = "mean",
+                     sigma_max: SigmaLike | None = None) -> torch.Tensor:
+    """log π(prev_sample | sample, model_output), ``[B]`` float32, differentiable in ``model_output``.
+
+    ``reduction="mean"`` averages over the non-batch elements (Flow-GRPO's convention, which the
+    tiny PPO clip ranges assume); ``"sum"`` gives the full log-density.
+    """
+    _check_latents(sample, model_output=model_output, prev_sample=prev_sample)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    if backend_for(sample, model_output, prev_sample) == "reference":
+        return reference.logprob_from_mean(prev_sample, reference.step_mean(sample, model_output, coef), coef,
+                                           reduction)
+    return _StepLogProb.apply(_flat(sample), _flat(model_output), _flat(prev_sample), coef.alpha, coef.beta,
+                              coef.gamma, coef.const, reduction)
+
+
+def _check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_tensor("rewards", rewards, dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    if rewards.dim() == 1:
+        rewards = rewards[:, None]
+    if rewards.dim() != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
+        raise ValueError(f"rewards: expected a non-empty [N, K] (or [N]) tensor, got shape {tuple(rewards.shape)}")
+    _check_tensor("group_ids", group_ids)
+    if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
+        raise TypeError(f"group_ids: expected an integer tensor (one group label per sample), got dtype {group_ids.dtype}")
+    if group_ids.shape != (rewards.shape[0],):
+        raise ValueError(f"group_ids: expected shape ({rewards.shape[0]},) (one label per row of rewards), got "
+                         f"{tuple(group_ids.shape)}")
+    if group_ids.device != rewards.device:
+        raise ValueError(f"group_ids: expected device {rewards.device} (the device of rewards), got {group_ids.device}")
+    bad = ~torch.isfinite(rewards)
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"rewards: expected finite values, got {float(rewards[n, k])} at rewards[{n}, {k}] "
+                         f"(sample {n}, objective {k}, group {int(group_ids[n])})")
+    return rewards, group_ids
+
+
+def _check_advantage_options(std: str, eps: float, adv_clip_max: float) -> None:
+    if std not in ("group", "global"):
+        raise ValueError(f"std: expected 'group' or 'global', got {std!r}")
+    if not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if not adv_clip_max > 0:
+        raise ValueError(f"adv_clip_max: expected a positive float, got {adv_clip_max!r}")
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
+                     weights: Sequence[float] | torch.Tensor | None = None, std: str = "group",
+                     eps: float = 1e-4, adv_clip_max: float = 5.0,
+                     aggregate: str = "normalize_then_sum") -> torch.Tensor:
+    """GRPO advantages of ``rewards [N, K]`` in the groups ``group_ids [N]`` (any integer labels).
+
+    ``aggregate``: ``normalize_then_sum`` (z-score each objective in its group, then Σ_k w_k ẑ_k,
+    ``[N]``), ``sum_then_normalize`` (Flow-GRPO: z-score of Σ_k w_k R_k, ``[N]``) or ``none``
+    (``[N, K]``). z = (R − group mean)/(std + eps), population std; ``std="global"`` uses the
+    batch std. ``weights`` default to 1/K. Equal rewards in a group (or a one-member group) give 0.
+    Returns float32, clipped to ±adv_clip_max.
+    """
+    rewards, group_ids = _check_rewards(rewards, group_ids)
+    _check_advantage_options(std, eps, adv_clip_max)
+    modes = {"none": 0, "normalize_then_sum": 1, "sum_then_normalize": 2}
+    if aggregate not in modes:
+        raise ValueError(f"aggregate: expected one of {tuple(modes)}, got {aggregate!r}")
+    k = rewards.shape[1]
+    w = None
+    if weights is not None:
+        w = torch.as_tensor(weights, dtype=torch.float32).to(rewards.device)
+        if w.shape != (k,):
+            raise ValueError(f"weights: expected {k} values (one per reward column), got shape {tuple(w.shape)}")
+        _raise_if_not_finite("weights", w)
+    if backend_for(rewards) == "reference":
+        return reference.group_advantages(rewards.float(), group_ids, weights=w, std=std, eps=eps,
+                                          adv_clip_max=adv_clip_max, aggregate=aggregate).float()
+    if w is None:
+        w = torch.full((k,), 1.0 / k, dtype=torch.float32, device=rewards.device)
+    return _kernels()[2].group_advantage_launch(rewards.float().contiguous(), group_ids, mode=modes[aggregate],
+                                                weights=w.contiguous(), std=std, eps=eps, clip_max=adv_clip_max)
+
+
+def credit_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, timestep_credit: torch.Tensor,
+                      objective_credit: torch.Tensor | str | None = None, *, std: str = "group",
+                      eps: float = 1e-4, adv_clip_max: float = 5.0, exploration: float = 0.1) -> torch.Tensor:
+    """Credit-weighted advantages ``A[n, t] = Σ_k c[n, k]·w[n, t(, k)]·clip(ẑ_k[n])``, ``[N, T]`` float32.
+
+    ``timestep_credit`` w: ``[N, T]`` or per-objective ``[N, T, K]``. ``objective_credit`` c:
+    ``[N, K]``, ``None`` (uniform 1/K) or ``"moca"`` (the exact min-norm mix of the clipped
+    per-objective advantages, mixed with ``exploration``/K). On the Triton backend the group
+    normalisation, the objective mix and the timestep weighting run in one kernel launch.
+    """
+    rewards, group_ids = _check_rewards(rewards, group_ids)
+    _check_advantage_options(std, eps, adv_clip_max)
+    n, k = rewards.shape
+    _check_tensor("timestep_credit", timestep_credit, dtypes=(torch.float32, torch.float64, torch.float16,
+                                                             torch.bfloat16))
+    if timestep_credit.dim() not in (2, 3) or timestep_credit.shape[0] != n or (
+            timestep_credit.dim() == 3 and timestep_credit.shape[2] != k) or timestep_credit.shape[1] == 0:
+        raise ValueError(f"timestep_credit: expected shape ({n}, T) or ({n}, T, {k}), got {tuple(timestep_credit.shape)}")
+    if timestep_credit.device != rewards.device:
+        raise ValueError(f"timestep_credit: expected device {rewards.device}, got {timestep_credit.device}")
+    _raise_if_not_finite("timestep_credit", timestep_credit)
+    if not 0.0 <= exploration <= 1.0:
+        raise ValueError(f"exploration: expected a float in [0, 1], got {exploration!r}")
+    c_mode = 0
+    if isinstance(objective_credit, str):
+        if objective_credit != "moca":
+            raise ValueError(f"objective_credit: expected a [N, K] tensor, None or 'moca', got {objective_credit!r}")
+        c_mode = 2
+    elif objective_credit is not None:
+        _check_tensor("objective_credit", objective_credit, dtypes=(torch.float32, torch.float64, torch.float16,
+                                                                   torch.bfloat16))
+        if objective_credit.shape != (n, k):
+            raise ValueError(f"objective_credit: expected shape ({n}, {k}), got {tuple(objective_credit.shape)}")
+        if objective_credit.device != rewards.device:
+            raise ValueError(f"objective_credit: expected device {rewards.device}, got {objective_credit.device}")
+        _raise_if_not_finite("objective_credit", objective_credit)
+        c_mode = 1
+    if backend_for(rewards) == "reference":
+        return reference.credit_advantages(rewards.float(), group_ids, timestep_credit.float(),
+                                           objective_credit if c_mode != 1 else objective_credit.float(),
+                                           std=std, eps=eps, adv_clip_max=adv_clip_max,
+                                           exploration=exploration).float()
+    return _kernels()[2].group_advantage_launch(
+        rewards.float().contiguous(), group_ids, mode=3, std=std, eps=eps, clip_max=adv_clip_max,
+        timestep_credit=timestep_credit.float().contiguous(),
+        objective_credit=objective_credit.float().contiguous() if c_mode == 1 else None,
+        c_mode=c_mode, exploration=exploration)
+
+
+def grpo_step_loss(sample: torch.Tensor, model_output: torch.Tensor, prev_sample: torch.Tensor,
+                   old_log_prob: torch.Tensor, advantages: torch.Tensor, sigma: SigmaLike, sigma_next: SigmaLike,
+                   *, dynamics: str = "flow_sde", noise_level: float = 0.7, clip_range: float = 1e-4,
+                   ref_model_output: torch.Tensor | None = None, kl_beta: float = 0.0,
+                   sigma_max: SigmaLike | None = None):
+    """Fused clipped-GRPO loss of one denoising step: ``(loss, stats)``.
+
+    loss = mean_b [ −min(r·A, clip(r, 1−ε, 1+ε)·A) + kl_beta·KL_b ],  r = exp(logp − old_log_prob),
+    KL_b = mean_D (μ_θ − μ_ref)² / (2 std²) (Gaussian dynamics; γ·mean_D(...)² for CPS/ODE) when
+    ``ref_model_output`` is given. ``advantages`` and ``old_log_prob`` are ``[B]`` (this step's
+    column of A[n, t]). ``stats``: per-row ``log_prob``, ``ratio``, ``clipped`` (bool),
+    ``approx_kl`` = ½(logp − old)², ``kl``. The backward writes ∂loss/∂model_output in one pass
+    over (x, v, x'[, v_ref]) without storing μ or any latent-sized temporary.
+    """
+    _check_latents(sample, model_output=model_output, prev_sample=prev_sample, ref_model_output=ref_model_output)
+    batch = sample.shape[0]
+    _check_row_vector("old_log_prob", old_log_prob, batch, sample.device)
+    _check_row_vector("advantages", advantages, batch, sample.device)
+    _raise_if_not_finite("old_log_prob", old_log_prob, "row")
+    _raise_if_not_finite("advantages", advantages, "row")
+    if not (isinstance(clip_range, (int, float)) and clip_range > 0):
+        raise ValueError(f"clip_range: expected a positive float, got {clip_range!r}")
+    if not (isinstance(kl_beta, (int, float)) and kl_beta >= 0):
+        raise ValueError(f"kl_beta: expected a float >= 0, got {kl_beta!r}")
+    if kl_beta > 0 and ref_model_output is None:
+        raise ValueError("ref_model_output: kl_beta > 0 needs the reference velocity, got None")
+    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    if backend_for(sample, model_output, prev_sample) == "reference":
+        return reference.grpo_loss_from_coefficients(sample, model_output, prev_sample, old_log_prob, advantages,
+                                                     coef, clip_range=clip_range,
+                                                     ref_model_output=ref_model_output, kl_beta=kl_beta)
+    outs = _GRPOStepLoss.apply(
+        _flat(sample), _flat(model_output), _flat(prev_sample),
+        _flat(ref_model_output.detach()) if ref_model_output is not None else None,
+        old_log_prob.float().contiguous(), advantages.float().contiguous(),
+        coef.alpha, coef.beta, coef.gamma, coef.const, float(clip_range), float(kl_beta))
+    return outs[0], dict(zip(_STAT_NAMES, outs[1:]))
+
