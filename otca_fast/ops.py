@@ -75,7 +75,8 @@ def backend_for(*tensors: torch.Tensor) -> str:
 
 
 def _kernels():
-    from otca_fast.kernels import advantages, grpo_loss, sde_step as sde_kernels
+    from otca_fast.kernels import advantages, grpo_loss
+    from otca_fast.kernels import sde_step as sde_kernels
     return sde_kernels, grpo_loss, advantages
 
 
@@ -104,11 +105,16 @@ def _check_latents(sample: torch.Tensor, **others: torch.Tensor | None) -> None:
             continue
         _check_tensor(name, t, dtypes=_STEP_DTYPES)
         if t.shape != sample.shape:
-            raise ValueError(f"{name}: expected shape {tuple(sample.shape)} (the shape of sample), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape {tuple(sample.shape)} (the shape of sample), "
+                             f"got {tuple(t.shape)}")
         if t.device != sample.device:
             raise ValueError(f"{name}: expected device {sample.device} (the device of sample), got {t.device}")
         if t.dtype != sample.dtype:
             raise TypeError(f"{name}: expected dtype {sample.dtype} (the dtype of sample), got {t.dtype}")
+
+
+def _is_plain_float(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _host_vector(name: str, value, batch: int) -> torch.Tensor:
@@ -143,8 +149,9 @@ def _coefficient_table(sig, sig_next, smax, dynamics, noise_level, device) -> to
 
 
 def _step_coefficients(sample: torch.Tensor, sigma, sigma_next, sigma_max, dynamics: str,
-                       noise_level) -> reference.StepCoefficients:
-    """Validated per-row scalars as float32 [B] tensors on ``sample``'s device."""
+                       noise_level) -> torch.Tensor:
+    """Validated per-row scalars: the float32 ``[5, B]`` table (alpha, beta, std, gamma, const) on
+    ``sample``'s device that the kernels read (``_as_coefficients`` views it for the reference)."""
     if dynamics not in DYNAMICS:
         raise ValueError(f"dynamics: expected one of {DYNAMICS}, got {dynamics!r}")
     if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not math.isfinite(noise_level):
@@ -152,8 +159,17 @@ def _step_coefficients(sample: torch.Tensor, sigma, sigma_next, sigma_max, dynam
     if dynamics in reference.GAUSSIAN_DYNAMICS and noise_level <= 0:
         raise ValueError(f"noise_level: {dynamics} is a Gaussian policy and needs noise_level > 0, got {noise_level}")
     if dynamics == "cps" and not 0 < noise_level <= 1:
-        raise ValueError(f"noise_level: cps needs 0 < noise_level <= 1 (std = sigma_next*sin(a*pi/2)), got {noise_level}")
+        raise ValueError("noise_level: cps needs 0 < noise_level <= 1 (std = sigma_next*sin(a*pi/2)), "
+                         f"got {noise_level}")
     batch = sample.shape[0]
+    if _is_plain_float(sigma) and _is_plain_float(sigma_next) and (sigma_max is None or _is_plain_float(sigma_max)):
+        # hot path (one schedule value for the whole batch): validate with plain floats and reuse the
+        # cached device table, so a training step pays no host tensor work and no device sync here
+        if 0.0 < sigma <= 1.0 and 0.0 <= sigma_next < sigma and not (
+                dynamics == "flow_sde" and sigma == 1.0 and not (sigma_max is not None and 0.0 < sigma_max < 1.0)):
+            smax = float(sigma_max) if (dynamics == "flow_sde" and sigma == 1.0) else None
+            return _cached_coefficients(float(sigma), float(sigma_next), smax, batch, dynamics,
+                                        float(noise_level), sample.device)
     sig = _host_vector("sigma", sigma, batch)
     sig_next = _host_vector("sigma_next", sigma_next, batch)
     if ((sig <= 0) | (sig > 1)).any():
@@ -177,6 +193,10 @@ def _step_coefficients(sample: torch.Tensor, sigma, sigma_next, sigma_max, dynam
                                      batch, dynamics, float(noise_level), sample.device)
     else:
         table = _coefficient_table(sig, sig_next, smax, dynamics, float(noise_level), sample.device)
+    return table
+
+
+def _as_coefficients(table: torch.Tensor) -> reference.StepCoefficients:
     return reference.StepCoefficients(*table.unbind(0))
 
 
@@ -207,42 +227,43 @@ def _raise_if_not_finite(name: str, t: torch.Tensor, what: str = "index") -> Non
 
 class _StepLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v, xp, alpha, beta, gamma, const, reduction):
+    def forward(ctx, x, v, xp, coef, reduction):
         sde_kernels = _kernels()[0]
-        partial_sq, _, _, _ = sde_kernels.step_partials(x, v, alpha, beta, xp=xp)
+        partials, _, _ = sde_kernels.step_partials(x, v, coef, xp=xp)
         d = x.shape[1]
-        log_prob = sde_kernels.finalize_logprob(partial_sq, gamma, const, d, reduction)
-        scale = 2.0 / d if reduction == "mean" else 2.0
-        ctx.save_for_backward(x, v, xp, alpha, beta, gamma * beta * scale)
+        log_prob = sde_kernels.finalize_logprob(partials, coef, d, reduction)
+        # ∂logp/∂v = 2γβ(x' − μ)/D  (mean) or 2γβ(x' − μ)  (sum)
+        c1 = coef[3] * coef[1] * (2.0 / d if reduction == "mean" else 2.0)
+        ctx.save_for_backward(x, v, xp, coef, c1[None])
         return log_prob
 
     @staticmethod
     def backward(ctx, grad_log_prob):
-        x, v, xp, alpha, beta, c1 = ctx.saved_tensors
-        grad = _kernels()[0].step_backward(x, v, xp, alpha, beta, c1, grad_log_prob)
-        return None, grad, None, None, None, None, None, None
+        x, v, xp, coef, c1 = ctx.saved_tensors
+        grad = _kernels()[0].step_backward(x, v, xp, coef, c1, grad_log_prob)
+        return None, grad, None, None, None
 
 
 class _GRPOStepLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v, xp, vref, old_log_prob, advantages, alpha, beta, gamma, const, clip_range, kl_beta):
+    def forward(ctx, x, v, xp, vref, old_log_prob, advantages, coef, clip_range, kl_beta):
         sde_kernels, grpo_kernels, _ = _kernels()
-        partial_sq, partial_kl, _, _ = sde_kernels.step_partials(x, v, alpha, beta, xp=xp, vref=vref)
-        d = x.shape[1]
-        log_prob = sde_kernels.finalize_logprob(partial_sq, gamma, const, d, "mean")
-        loss, stats, c1, c2 = grpo_kernels.grpo_rows(log_prob, old_log_prob, advantages, gamma, beta,
-                                                     partial_kl, d, clip_range, kl_beta)
-        ctx.save_for_backward(x, v, xp, vref if vref is not None else x, alpha, beta, c1, c2 if c2 is not None else c1)
+        partials, _, _ = sde_kernels.step_partials(x, v, coef, xp=xp, vref=vref)
+        table, clipped = grpo_kernels.grpo_finalize(partials, coef, old_log_prob, advantages, x.shape[1],
+                                                    clip_range, kl_beta)
+        ctx.save_for_backward(x, v, xp, vref if vref is not None else x, coef, table)
         ctx.has_ref = vref is not None
-        ctx.mark_non_differentiable(*stats.values())
-        return (loss, *stats.values())
+        stats = (table[grpo_kernels.LOG_PROB], table[grpo_kernels.RATIO], clipped, table[grpo_kernels.APPROX_KL],
+                 table[grpo_kernels.KL])
+        ctx.mark_non_differentiable(*stats)
+        return (table[grpo_kernels.ROW_LOSS], *stats)
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        x, v, xp, vref, alpha, beta, c1, c2 = ctx.saved_tensors
-        grad = _kernels()[0].step_backward(x, v, xp, alpha, beta, c1, grad_loss,
-                                           vref=vref if ctx.has_ref else None, c2=c2 if ctx.has_ref else None)
-        return (None, grad) + (None,) * 10
+    def backward(ctx, grad_row_loss, *unused):
+        x, v, xp, vref, coef, table = ctx.saved_tensors
+        grad = _kernels()[0].step_backward(x, v, xp, coef, table[5:7] if ctx.has_ref else table[5:6], grad_row_loss,
+                                           vref=vref if ctx.has_ref else None)
+        return (None, grad) + (None,) * 7
 
 
 _STAT_NAMES = ("log_prob", "ratio", "clipped", "approx_kl", "kl")
@@ -271,21 +292,21 @@ def sde_step(sample: torch.Tensor, model_output: torch.Tensor, sigma: SigmaLike,
                              f"got {tuple(noise.shape)} on {noise.device}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    table = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
     with torch.no_grad():
         if noise is None:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=torch.float32)
         if backend_for(sample, model_output) == "reference":
+            coef = _as_coefficients(table)
             mean = reference.step_mean(sample, model_output, coef)
             prev = (mean + coef.std.view(-1, *([1] * (sample.dim() - 1))) * noise.float()).to(sample.dtype)
             log_prob = reference.logprob_from_mean(prev, mean, coef, "mean")
             return prev, log_prob, mean.to(sample.dtype), coef.std
         sde_kernels = _kernels()[0]
         x = _flat(sample)
-        partial_sq, _, prev, mean = sde_kernels.step_partials(x, _flat(model_output), coef.alpha, coef.beta,
-                                                              noise=_flat(noise), std=coef.std)
-        log_prob = sde_kernels.finalize_logprob(partial_sq, coef.gamma, coef.const, x.shape[1], "mean")
-        return prev.view(sample.shape), log_prob, mean.view(sample.shape), coef.std
+        partials, prev, mean = sde_kernels.step_partials(x, _flat(model_output), table, noise=_flat(noise))
+        log_prob = sde_kernels.finalize_logprob(partials, table, x.shape[1], "mean")
+        return prev.view(sample.shape), log_prob, mean.view(sample.shape), table[2]
 
 
 def sde_step_logprob(sample: torch.Tensor, model_output: torch.Tensor, prev_sample: torch.Tensor,
@@ -300,12 +321,12 @@ def sde_step_logprob(sample: torch.Tensor, model_output: torch.Tensor, prev_samp
     _check_latents(sample, model_output=model_output, prev_sample=prev_sample)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    table = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
     if backend_for(sample, model_output, prev_sample) == "reference":
+        coef = _as_coefficients(table)
         return reference.logprob_from_mean(prev_sample, reference.step_mean(sample, model_output, coef), coef,
                                            reduction)
-    return _StepLogProb.apply(_flat(sample), _flat(model_output), _flat(prev_sample), coef.alpha, coef.beta,
-                              coef.gamma, coef.const, reduction)
+    return _StepLogProb.apply(_flat(sample), _flat(model_output), _flat(prev_sample), table, reduction)
 
 
 def _check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +337,8 @@ def _check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"rewards: expected a non-empty [N, K] (or [N]) tensor, got shape {tuple(rewards.shape)}")
     _check_tensor("group_ids", group_ids)
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
-        raise TypeError(f"group_ids: expected an integer tensor (one group label per sample), got dtype {group_ids.dtype}")
+        raise TypeError("group_ids: expected an integer tensor (one group label per sample), "
+                        f"got dtype {group_ids.dtype}")
     if group_ids.shape != (rewards.shape[0],):
         raise ValueError(f"group_ids: expected shape ({rewards.shape[0]},) (one label per row of rewards), got "
                          f"{tuple(group_ids.shape)}")
@@ -389,7 +411,8 @@ def credit_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, timestep_c
                                                              torch.bfloat16))
     if timestep_credit.dim() not in (2, 3) or timestep_credit.shape[0] != n or (
             timestep_credit.dim() == 3 and timestep_credit.shape[2] != k) or timestep_credit.shape[1] == 0:
-        raise ValueError(f"timestep_credit: expected shape ({n}, T) or ({n}, T, {k}), got {tuple(timestep_credit.shape)}")
+        raise ValueError(f"timestep_credit: expected shape ({n}, T) or ({n}, T, {k}), "
+                         f"got {tuple(timestep_credit.shape)}")
     if timestep_credit.device != rewards.device:
         raise ValueError(f"timestep_credit: expected device {rewards.device}, got {timestep_credit.device}")
     _raise_if_not_finite("timestep_credit", timestep_credit)
@@ -425,7 +448,7 @@ def grpo_step_loss(sample: torch.Tensor, model_output: torch.Tensor, prev_sample
                    old_log_prob: torch.Tensor, advantages: torch.Tensor, sigma: SigmaLike, sigma_next: SigmaLike,
                    *, dynamics: str = "flow_sde", noise_level: float = 0.7, clip_range: float = 1e-4,
                    ref_model_output: torch.Tensor | None = None, kl_beta: float = 0.0,
-                   sigma_max: SigmaLike | None = None):
+                   sigma_max: SigmaLike | None = None, check_finite: bool = True):
     """Fused clipped-GRPO loss of one denoising step: ``(loss, stats)``.
 
     loss = mean_b [ −min(r·A, clip(r, 1−ε, 1+ε)·A) + kl_beta·KL_b ],  r = exp(logp − old_log_prob),
@@ -434,28 +457,35 @@ def grpo_step_loss(sample: torch.Tensor, model_output: torch.Tensor, prev_sample
     column of A[n, t]). ``stats``: per-row ``log_prob``, ``ratio``, ``clipped`` (bool),
     ``approx_kl`` = ½(logp − old)², ``kl``. The backward writes ∂loss/∂model_output in one pass
     over (x, v, x'[, v_ref]) without storing μ or any latent-sized temporary.
+
+    ``check_finite=False`` skips the NaN/Inf check of ``old_log_prob`` and ``advantages``, which on
+    CUDA costs a device sync per call; a hot loop that validates them once per rollout (as the
+    trainer does) can turn it off. Non-finite values then show up as a non-finite loss.
     """
     _check_latents(sample, model_output=model_output, prev_sample=prev_sample, ref_model_output=ref_model_output)
     batch = sample.shape[0]
     _check_row_vector("old_log_prob", old_log_prob, batch, sample.device)
     _check_row_vector("advantages", advantages, batch, sample.device)
-    _raise_if_not_finite("old_log_prob", old_log_prob, "row")
-    _raise_if_not_finite("advantages", advantages, "row")
+    if check_finite:
+        _raise_if_not_finite("old_log_prob", old_log_prob, "row")
+        _raise_if_not_finite("advantages", advantages, "row")
     if not (isinstance(clip_range, (int, float)) and clip_range > 0):
         raise ValueError(f"clip_range: expected a positive float, got {clip_range!r}")
     if not (isinstance(kl_beta, (int, float)) and kl_beta >= 0):
         raise ValueError(f"kl_beta: expected a float >= 0, got {kl_beta!r}")
     if kl_beta > 0 and ref_model_output is None:
         raise ValueError("ref_model_output: kl_beta > 0 needs the reference velocity, got None")
-    coef = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
+    table = _step_coefficients(sample, sigma, sigma_next, sigma_max, dynamics, noise_level)
     if backend_for(sample, model_output, prev_sample) == "reference":
         return reference.grpo_loss_from_coefficients(sample, model_output, prev_sample, old_log_prob, advantages,
-                                                     coef, clip_range=clip_range,
+                                                     _as_coefficients(table), clip_range=clip_range,
                                                      ref_model_output=ref_model_output, kl_beta=kl_beta)
+    old_log_prob = old_log_prob if old_log_prob.dtype == torch.float32 else old_log_prob.float()
+    advantages = advantages if advantages.dtype == torch.float32 else advantages.float()
     outs = _GRPOStepLoss.apply(
         _flat(sample), _flat(model_output), _flat(prev_sample),
         _flat(ref_model_output.detach()) if ref_model_output is not None else None,
-        old_log_prob.float().contiguous(), advantages.float().contiguous(),
-        coef.alpha, coef.beta, coef.gamma, coef.const, float(clip_range), float(kl_beta))
-    return outs[0], dict(zip(_STAT_NAMES, outs[1:]))
+        old_log_prob.contiguous(), advantages.contiguous(), table, float(clip_range), float(kl_beta))
+    # the mean over rows is torch's, as in the reference: an on-policy batch gives exactly −mean(A)
+    return outs[0].mean(), dict(zip(_STAT_NAMES, outs[1:]))
 

@@ -199,11 +199,11 @@ def group_zscores(rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str = 
         scale = torch.sqrt(sq / count[:, None])[inverse]
     else:
         scale = rewards.std(0, unbiased=False, keepdim=True).expand_as(rewards)
-    big = torch.finfo(rewards.dtype).max
-    gmax = torch.full((num_groups, k), -big, dtype=rewards.dtype, device=rewards.device)
-    gmin = torch.full((num_groups, k), big, dtype=rewards.dtype, device=rewards.device)
-    gmax = gmax.index_reduce_(0, inverse, rewards, "amax")
-    gmin = gmin.index_reduce_(0, inverse, rewards, "amin")
+    index = inverse[:, None].expand_as(rewards)
+    gmax = torch.zeros(num_groups, k, dtype=rewards.dtype, device=rewards.device)
+    gmin = torch.zeros_like(gmax)
+    gmax = gmax.scatter_reduce_(0, index, rewards, "amax", include_self=False)
+    gmin = gmin.scatter_reduce_(0, index, rewards, "amin", include_self=False)
     constant = (gmax == gmin)[inverse]
     return torch.where(constant, torch.zeros_like(centred), centred / (scale + eps))
 
@@ -380,3 +380,54 @@ def grpo_loss_from_coefficients(sample: torch.Tensor, model_output: torch.Tensor
             "kl": kl.detach(),
         }
     return row_loss.mean(), stats
+
+
+# ============================================================================================
+# Trajectory credit (TCD): per-state cosine to the final latent.
+# Appended by the credit issue (otca_fast/credit/); the torch reference of
+# kernels/trajectory_credit.py. Nothing above this line depends on it.
+# ============================================================================================
+
+def frame_layout(state_shape: tuple[int, ...] | torch.Size, frame_dim: int | None) -> tuple[int, int, int]:
+    """``(A, F, B)``: one state viewed as ``[A, F, B]`` with ``F`` frames along ``frame_dim``.
+
+    ``frame_dim=None`` treats the whole flattened state as one "frame": ``(1, 1, D)``. For a
+    diffusers video latent ``[C, F, H, W]`` and ``frame_dim=1`` this is ``(C, F, H·W)``: frame f is
+    the C contiguous runs of H·W elements at offsets ``c·F·H·W + f·H·W``.
+    """
+    dims = tuple(int(d) for d in state_shape)
+    if frame_dim is None:
+        return 1, 1, math.prod(dims)
+    return math.prod(dims[:frame_dim]), dims[frame_dim], math.prod(dims[frame_dim + 1:])
+
+
+def trajectory_cosines(states: torch.Tensor, final: torch.Tensor, *,
+                       frame_dim: int | None = None) -> torch.Tensor:
+    """Cosines of every state with the final latent, ``[N, S + 1]``.
+
+    ``states`` ``[N, S, *state]``, ``final`` ``[N, *state]``. Column j < S is
+    s_j = cos(states[:, j], final) and column S is cos(final, final) (1, or 0 for an all-zero
+    final latent), with cos(a, b) = ⟨a, b⟩ / max(‖a‖·‖b‖, tiny) over the flattened state; a zero
+    vector has cosine 0 with everything instead of 0/0. With ``frame_dim`` the cosine is taken per
+    frame (see :func:`frame_layout`) and averaged over the frames, so a video whose late frames
+    converge late is not dominated by its largest-norm frames.
+
+    Computed in float32 (float64 for float64 inputs) one state at a time, so the extra memory is
+    one ``[N, D]`` copy, never ``[N, S, D]`` (a Wan 480p trajectory of 8 samples x 21 states is
+    1.4 GB as float32).
+    """
+    cd = compute_dtype(torch.promote_types(states.dtype, final.dtype))
+    n, s = states.shape[:2]
+    a, f, b = frame_layout(states.shape[2:], frame_dim)
+    fin = final.reshape(n, a, f, b).to(cd)
+    ff = (fin * fin).sum((1, 3))  # [N, F]
+    fnorm = ff.sqrt()
+    tiny = torch.finfo(cd).tiny
+    out = torch.empty(n, s + 1, dtype=cd, device=states.device)
+    for j in range(s):
+        x = states[:, j].reshape(n, a, f, b).to(cd)
+        dot = (x * fin).sum((1, 3))
+        ss = (x * x).sum((1, 3))
+        out[:, j] = (dot / (ss.sqrt() * fnorm).clamp_min(tiny)).mean(1)
+    out[:, s] = (ff / (fnorm * fnorm).clamp_min(tiny)).mean(1)
+    return out
