@@ -56,6 +56,13 @@ def main() -> int:
         step()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as kprof:
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+        print(kprof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
     return 0
 
 

@@ -1,15 +1,15 @@
 """Fused Triton kernels for the per-step Gaussian policy of flow-matching GRPO.
 
 Every dynamics has the mean μ = α·x + β·v and the log-prob −γ·mean_D (x' − μ)² + c0 with per-sample
-scalars (``otca_fast.reference.step_coefficients``), so three kernels serve all of them:
+scalars (``otca_fast.reference.step_coefficients``), so two kernels serve all of them:
 
-* ``_step_partial_kernel``  — one pass over (x, v[, x' | ε][, v_ref]) per tile: the tile's Σ(x' − μ)²
-  (and Σ(v − v_ref)² for the KL term); in *sample* mode it also draws x' = μ + std·ε, rounds it to
-  the storage dtype, stores x' and μ, and takes the residual of the *rounded* x' — the value the
-  training pass will read back, which is why rollout and training log-probs agree bit for bit.
-* ``_logprob_finalize_kernel`` — per row, the deterministic sum of its tile partials → log-prob
-  (``row_logprob``, which the GRPO loss kernel shares, so rollout and training reduce identically).
-  No atomics: the reduction order is fixed, so the same inputs give the same bits every time.
+* ``_step_forward_kernel`` — one pass over (x, v, x' | ε): each tile stores its Σ(x' − μ)²
+  (``tile_partials``); the last tile of each row to finish sums the row's partials in a fixed order
+  and writes the log-prob (``row_logprob``) — one launch, deterministic, no float atomics. In
+  *sample* mode it also draws x' = μ + std·ε, rounds it to the storage dtype, stores x' and μ, and
+  takes the residual of the *rounded* x' — the value the training pass will read back, which is
+  why rollout and training log-probs agree bit for bit. ``grpo_loss.py``'s kernel is built from the
+  same two functions.
 * ``_step_backward_kernel`` — ∂/∂v of (upstream · log-prob [+ KL]) recomputing μ from x and v:
   grad = g·(c1·(x' − μ) + c2·(v − v_ref)), with ∂logp/∂v = 2γβ(x' − μ)/D. Nothing latent-sized is
   stored between forward and backward.
@@ -53,17 +53,10 @@ def finalize_block(tiles: int) -> int:
 
 
 @triton.jit
-def _step_partial_kernel(
-    x_ptr, v_ptr, xp_ptr, noise_ptr, vref_ptr,      # inputs (unused ones are dummies)
-    xp_out_ptr, mean_out_ptr,                       # outputs of sample mode
-    coef_ptr,                                       # [5, B] per-row scalars (alpha, beta, std, gamma, const)
-    partial_ptr,                                    # [1 or 2, B * tiles] partial sums: Σ(x'−μ)², Σ(v−v_ref)²
-    B, D, tiles_per_row,
-    BLOCK: tl.constexpr, SAMPLE: tl.constexpr, HAS_REF: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    row = pid // tiles_per_row
-    tile = pid % tiles_per_row
+def tile_partials(x_ptr, v_ptr, xp_ptr, noise_ptr, vref_ptr, xp_out_ptr, mean_out_ptr, coef_ptr, partial_ptr,
+                  pid, row, tile, B, D, tiles_per_row,
+                  BLOCK: tl.constexpr, SAMPLE: tl.constexpr, HAS_REF: tl.constexpr):
+    """One tile: store Σ(x'−μ)² (and Σ(v−v_ref)²) of its elements; in sample mode draw and store x', μ."""
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     base = row.to(tl.int64) * D
@@ -90,12 +83,27 @@ def _step_partial_kernel(
 
 
 @triton.jit
+def last_tile_of_row(counter_ptr, row, tiles_per_row):
+    """True in exactly one program per row: the one that finishes last.
+
+    The acquire-release atomic orders every tile's partial-sum store before the last tile reads them
+    (the threadfence-reduction pattern), so the row is finalised inside the same launch; the last
+    tile then resets the counter, leaving the zeroed buffer ready for the next launch.
+    """
+    done = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel")
+    is_last = done == tiles_per_row - 1
+    return is_last
+
+
+@triton.jit
 def row_sum(partial_ptr, row, tiles_per_row, BLOCK_T: tl.constexpr):
-    """Σ over one row's tile partials, in a fixed order."""
+    """Σ over one row's tile partials, in a fixed order (``.cg``: read past the SM's L1, where other
+    programs' partials were never cached)."""
     acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, tiles_per_row, BLOCK_T):
         idx = start + tl.arange(0, BLOCK_T)
-        acc += tl.load(partial_ptr + row * tiles_per_row + idx, mask=idx < tiles_per_row, other=0.0)
+        acc += tl.load(partial_ptr + row * tiles_per_row + idx, mask=idx < tiles_per_row, other=0.0,
+                       cache_modifier=".cg")
     return tl.sum(acc, axis=0)
 
 
@@ -109,11 +117,24 @@ def row_logprob(partial_ptr, coef_ptr, row, B, tiles_per_row, resid_scale, const
 
 
 @triton.jit
-def _logprob_finalize_kernel(partial_ptr, coef_ptr, out_ptr, B, tiles_per_row, resid_scale, const_scale,
-                             BLOCK_T: tl.constexpr):
-    row = tl.program_id(0)
-    tl.store(out_ptr + row, row_logprob(partial_ptr, coef_ptr, row, B, tiles_per_row, resid_scale, const_scale,
-                                        BLOCK_T))
+def _step_forward_kernel(
+    x_ptr, v_ptr, xp_ptr, noise_ptr, xp_out_ptr, mean_out_ptr,
+    coef_ptr,              # [5, B] per-row scalars (alpha, beta, std, gamma, const)
+    partial_ptr,           # [B * tiles] partial sums Σ(x'−μ)²
+    counter_ptr,           # [B] int32 zeros: tiles of the row done so far
+    logp_ptr,              # [B] float32 out
+    B, D, tiles_per_row, resid_scale, const_scale,
+    BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, SAMPLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // tiles_per_row
+    tile = pid % tiles_per_row
+    tile_partials(x_ptr, v_ptr, xp_ptr, noise_ptr, x_ptr, xp_out_ptr, mean_out_ptr, coef_ptr, partial_ptr,
+                  pid, row, tile, B, D, tiles_per_row, BLOCK, SAMPLE, False)
+    if last_tile_of_row(counter_ptr, row, tiles_per_row):
+        logp = row_logprob(partial_ptr, coef_ptr, row, B, tiles_per_row, resid_scale, const_scale, BLOCK_T)
+        tl.store(logp_ptr + row, logp)
+        tl.store(counter_ptr + row, 0)
 
 
 @triton.jit
@@ -150,36 +171,46 @@ def _step_backward_kernel(x_ptr, v_ptr, xp_ptr, vref_ptr, grad_ptr, coef_ptr, c1
 # ``coef`` the contiguous float32 [5, B] table of alpha, beta, std, gamma, const)
 # ---------------------------------------------------------------------------------------------
 
-def step_partials(x: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, *, xp: torch.Tensor | None = None,
-                  noise: torch.Tensor | None = None, vref: torch.Tensor | None = None):
-    """Per-(row, tile) partial sums ``[1 or 2, B, tiles]``; sample mode (``noise`` given) also returns (x', μ)."""
-    b, d = x.shape
-    block = block_size(d)
-    tiles = triton.cdiv(d, block)
-    partials = torch.empty(2 if vref is not None else 1, b, tiles, dtype=torch.float32, device=x.device)
-    sample = noise is not None
-    xp_out = torch.empty_like(x) if sample else x
-    mean_out = torch.empty_like(x) if sample else x
-    _step_partial_kernel[(b * tiles,)](
-        x, v, xp if xp is not None else x, noise if sample else x, vref if vref is not None else x,
-        xp_out, mean_out, coef, partials, b, d, tiles,
-        BLOCK=block, SAMPLE=sample, HAS_REF=vref is not None, num_warps=num_warps_for(block),
-        enable_fp_fusion=False,  # no FMA contraction: sample mode and log-prob mode must round alike
-    )
-    return partials, (xp_out if sample else None), (mean_out if sample else None)
-
-
 def logprob_scales(d: int, reduction: str) -> tuple[float, float]:
     return (1.0 / d, 1.0) if reduction == "mean" else (1.0, float(d))
 
 
-def finalize_logprob(partials: torch.Tensor, coef: torch.Tensor, d: int, reduction: str) -> torch.Tensor:
-    _, b, tiles = partials.shape
-    out = torch.empty(b, dtype=torch.float32, device=partials.device)
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def row_counters(b: int, device: torch.device) -> torch.Tensor:
+    """A zeroed int32 ``[B]`` buffer for ``last_tile_of_row``; every launch leaves it zeroed again.
+
+    One buffer per device and current stream (kernels on one stream run one after another, so
+    they can share it; a launch on another stream gets its own).
+    """
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < b:
+        buf = torch.zeros(max(b, 64), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+def step_forward(x: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, *, xp: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None, reduction: str = "mean"):
+    """One launch: the log-prob ``[B]`` of x' (given, or drawn from ``noise``: then also (x', μ))."""
+    b, d = x.shape
+    block = block_size(d)
+    tiles = triton.cdiv(d, block)
+    partials = torch.empty(b * tiles, dtype=torch.float32, device=x.device)
+    log_prob = torch.empty(b, dtype=torch.float32, device=x.device)
+    sample = noise is not None
+    xp_out = torch.empty_like(x) if sample else x
+    mean_out = torch.empty_like(x) if sample else x
     resid_scale, const_scale = logprob_scales(d, reduction)
-    _logprob_finalize_kernel[(b,)](partials, coef, out, b, tiles, resid_scale, const_scale,
-                                   BLOCK_T=finalize_block(tiles), num_warps=4, enable_fp_fusion=False)
-    return out
+    _step_forward_kernel[(b * tiles,)](
+        x, v, xp if xp is not None else x, noise if sample else x, xp_out, mean_out, coef, partials,
+        row_counters(b, x.device), log_prob, b, d, tiles, resid_scale, const_scale,
+        BLOCK=block, BLOCK_T=finalize_block(tiles), SAMPLE=sample, num_warps=num_warps_for(block),
+        enable_fp_fusion=False,  # no FMA contraction: sample mode and log-prob mode must round alike
+    )
+    return log_prob, (xp_out if sample else None), (mean_out if sample else None)
 
 
 def step_backward(x: torch.Tensor, v: torch.Tensor, xp: torch.Tensor, coef: torch.Tensor, c12: torch.Tensor,

@@ -228,12 +228,9 @@ def _raise_if_not_finite(name: str, t: torch.Tensor, what: str = "index") -> Non
 class _StepLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, xp, coef, reduction):
-        sde_kernels = _kernels()[0]
-        partials, _, _ = sde_kernels.step_partials(x, v, coef, xp=xp)
-        d = x.shape[1]
-        log_prob = sde_kernels.finalize_logprob(partials, coef, d, reduction)
+        log_prob, _, _ = _kernels()[0].step_forward(x, v, coef, xp=xp, reduction=reduction)
         # ∂logp/∂v = 2γβ(x' − μ)/D  (mean) or 2γβ(x' − μ)  (sum)
-        c1 = coef[3] * coef[1] * (2.0 / d if reduction == "mean" else 2.0)
+        c1 = coef[3] * coef[1] * (2.0 / x.shape[1] if reduction == "mean" else 2.0)
         ctx.save_for_backward(x, v, xp, coef, c1[None])
         return log_prob
 
@@ -247,10 +244,9 @@ class _StepLogProb(torch.autograd.Function):
 class _GRPOStepLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, xp, vref, old_log_prob, advantages, coef, clip_range, kl_beta):
-        sde_kernels, grpo_kernels, _ = _kernels()
-        partials, _, _ = sde_kernels.step_partials(x, v, coef, xp=xp, vref=vref)
-        table, clipped = grpo_kernels.grpo_finalize(partials, coef, old_log_prob, advantages, x.shape[1],
-                                                    clip_range, kl_beta)
+        grpo_kernels = _kernels()[1]
+        table, clipped = grpo_kernels.grpo_forward(x, v, xp, vref, coef, old_log_prob, advantages, clip_range,
+                                                   kl_beta)
         ctx.save_for_backward(x, v, xp, vref if vref is not None else x, coef, table)
         ctx.has_ref = vref is not None
         stats = (table[grpo_kernels.LOG_PROB], table[grpo_kernels.RATIO], clipped, table[grpo_kernels.APPROX_KL],
@@ -302,10 +298,8 @@ def sde_step(sample: torch.Tensor, model_output: torch.Tensor, sigma: SigmaLike,
             prev = (mean + coef.std.view(-1, *([1] * (sample.dim() - 1))) * noise.float()).to(sample.dtype)
             log_prob = reference.logprob_from_mean(prev, mean, coef, "mean")
             return prev, log_prob, mean.to(sample.dtype), coef.std
-        sde_kernels = _kernels()[0]
-        x = _flat(sample)
-        partials, prev, mean = sde_kernels.step_partials(x, _flat(model_output), table, noise=_flat(noise))
-        log_prob = sde_kernels.finalize_logprob(partials, table, x.shape[1], "mean")
+        log_prob, prev, mean = _kernels()[0].step_forward(_flat(sample), _flat(model_output), table,
+                                                          noise=_flat(noise))
         return prev.view(sample.shape), log_prob, mean.view(sample.shape), table[2]
 
 
