@@ -1,0 +1,52 @@
+"""Input checks shared by the credit functions: every error names the argument, expected vs got."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def float_tensor(name: str, value: Any, *, dim: int | None = None,
+                 min_dim: int | None = None) -> torch.Tensor:
+    """``value`` as-is after checking it is a floating tensor with the expected number of dims."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-d tensor, got shape {tuple(value.shape)}")
+    if min_dim is not None and value.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def raise_if_not_finite(name: str, value: torch.Tensor, what: str = "index") -> None:
+    """A clear error at the first non-finite entry (its full index), nothing when all are finite."""
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, got {float(value[idx])} at {what} "
+                         f"{idx[0] if len(idx) == 1 else list(idx)}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Credit is computed in float32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def finite_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
