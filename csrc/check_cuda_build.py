@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="hide the compiler commands")
     args = parser.parse_args(argv)
     if args.installed:
+        import torch  # noqa: F401  (loads libc10/libtorch, which the extension links against)
+
         try:
             from otca_fast import _C as module
         except ImportError as exc:

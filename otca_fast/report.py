@@ -1,0 +1,337 @@
+"""What a run shows and leaves behind: metrics.jsonl, TensorBoard, PNG plots, clips, progress, summary.
+
+* :class:`MetricsLog` — one JSON line per step in ``metrics.jsonl`` (flushed, so ``tail -f`` works)
+  and the same scalars in TensorBoard (``tb/``). On resume the lines past the checkpoint are
+  dropped, and TensorBoard's ``purge_step`` hides the orphaned events.
+* :func:`plot_rewards` / :func:`plot_training` — matplotlib PNGs under ``report/``.
+* :func:`save_clip` — GIF and MP4 (imageio + ffmpeg) of a clip ``[F, C, H, W]`` in [0, 1]; PNG for images.
+* :class:`RunProgress` — rich progress bars with ETA (terminal) or one plain line per step (logs).
+* :func:`summary_table` — the rich table printed at the end of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MetricsLog", "read_metrics", "truncate_metrics", "plot_rewards", "plot_training", "save_clip",
+    "RunProgress", "summary_table",
+]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (an absent file reads as no records)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    records = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i + 1}: not a JSON line ({e})") from None
+    return records
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Drop the records after ``last_step`` (a resumed run rewrites them)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    keep = [r for r in read_metrics(p) if int(r.get("step", 0)) <= last_step]
+    tmp = p.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(p)
+
+
+class MetricsLog:
+    """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars."""
+
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            truncate_metrics(self.path, resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events of steps >= it, left by the interrupted run, are ignored on load
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tb"),
+                                     purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, global_step=step)
+            self._tb.flush()
+        return record
+
+    def add_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, image_hwc, global_step=step, dataformats="HWC")
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# plots
+# ------------------------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas, without pyplot (no global state, safe in any thread)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(out)  # a reader (a browser refreshing report/) never sees half a PNG
+    return out
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            xs.append(int(r["step"]))
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_rewards(records: Sequence[dict[str, Any]], reward_names: Sequence[str], path: str | Path) -> Path:
+    """One panel per objective: the training reward mean (± std when logged) and the evaluation mean."""
+    n = max(1, len(reward_names))
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = _figure(4.2 * cols, 3.0 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, name in zip(axes, reward_names):
+        xs, ys = _series(records, f"reward/{name}")
+        if xs:
+            ax.plot(xs, ys, color="tab:blue", label="train (rollout mean)")
+            sx, sd = _series(records, f"reward_std/{name}")
+            if len(sx) == len(xs):
+                lo = np.asarray(ys) - np.asarray(sd)
+                hi = np.asarray(ys) + np.asarray(sd)
+                ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.15, linewidth=0)
+        ex, ey = _series(records, f"eval/reward/{name}")
+        if ex:
+            ax.plot(ex, ey, "o-", color="tab:orange", label="eval (EMA, ODE)")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.axis("off")
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.15, top=0.9, wspace=0.3, hspace=0.5)
+    return _save(fig, path)
+
+
+_TRAINING_PANELS = (("loss", "loss"), ("kl", "KL to reference"), ("approx_kl", "approx KL"),
+                    ("clip_frac", "clip fraction"), ("grad_norm", "grad norm"), ("ratio_mean", "ratio mean"),
+                    ("zero_std_ratio", "zero-std group ratio"), ("samples_per_s", "samples / s"))
+
+
+def plot_training(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Loss, KL, clip fraction, gradient norm, ratio, zero-std ratio and throughput against the step."""
+    fig = _figure(16, 6)
+    axes = fig.subplots(2, 4)
+    for ax, (key, title) in zip(axes.flat, _TRAINING_PANELS):
+        xs, ys = _series(records, key)
+        if xs:
+            ax.plot(xs, ys, color="tab:green")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.09, top=0.93, wspace=0.3, hspace=0.45)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# clips
+# ------------------------------------------------------------------------------------------------
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] not in (1, 3):
+        raise ValueError(f"frames: expected a [F, C, H, W] tensor with C = 1 or 3, got "
+                         f"{tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__}")
+    if not torch.isfinite(frames).all():
+        raise ValueError("frames: expected finite values in [0, 1], got NaN/Inf")
+    x = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def save_clip(frames: torch.Tensor, stem: str | Path, *, fps: int = 8) -> list[Path]:
+    """Write a clip ``[F, C, H, W]`` in [0, 1] as ``stem.gif`` and ``stem.mp4`` (``stem.png`` when F = 1)."""
+    import imageio.v3 as iio
+
+    x = _to_uint8(frames)
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if x.shape[0] == 1:
+        out = stem.with_suffix(".png")
+        iio.imwrite(out, x[0])
+        return [out]
+    gif, mp4 = stem.with_suffix(".gif"), stem.with_suffix(".mp4")
+    iio.imwrite(gif, x, duration=1000.0 / fps, loop=0)
+    # libx264 with yuv420p needs even sides: pad by edge replication rather than let ffmpeg rescale
+    h, w = x.shape[1], x.shape[2]
+    if h % 2 or w % 2:
+        x = np.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    # macro_block_size=1: keep the size (imageio-ffmpeg would otherwise rescale to multiples of 16)
+    iio.imwrite(mp4, x, fps=fps, macro_block_size=1)
+    return [gif, mp4]
+
+
+# ------------------------------------------------------------------------------------------------
+# progress and summary
+# ------------------------------------------------------------------------------------------------
+
+class RunProgress:
+    """Progress with ETA: rich bars on a terminal (``rich``), one line per step (``plain``), or none.
+
+    Bars: ``train`` over the run's steps, and one per phase of the current step (``rollout``,
+    ``update``) that is reset every step.
+    """
+
+    def __init__(self, mode: str, *, total_steps: int, start_step: int = 0, log_every: int = 1, console=None):
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+        if mode == "auto":
+            mode = "rich" if self.console.is_terminal else "plain"
+        if mode not in ("rich", "plain", "none"):
+            raise ValueError(f"mode: expected 'auto', 'rich', 'plain' or 'none', got {mode!r}")
+        self.mode = mode
+        self.total = total_steps
+        self.start_step = start_step
+        self.log_every = log_every
+        self._t0 = time.perf_counter()
+        self._progress = None
+        self._tasks: dict[str, Any] = {}
+        if mode == "rich":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                      console=self.console)
+            self._progress.start()
+            self._tasks["train"] = self._progress.add_task("train", total=total_steps, completed=start_step)
+
+    def phase(self, name: str, total: int) -> None:
+        """Start (or restart) the bar of a phase of the current step."""
+        if self._progress is None:
+            return
+        if name in self._tasks:
+            self._progress.reset(self._tasks[name], total=total)
+        else:
+            self._tasks[name] = self._progress.add_task(name, total=total)
+
+    def advance(self, name: str, amount: int = 1) -> None:
+        if self._progress is not None and name in self._tasks:
+            self._progress.advance(self._tasks[name], amount)
+
+    def step_done(self, step: int, summary: str) -> None:
+        """Advance the run bar; every ``log_every`` steps (and at the last) print ``summary``: above the
+        live bars in rich mode, as a line with elapsed time and ETA in plain mode."""
+        if self._progress is not None:
+            self._progress.update(self._tasks["train"], completed=step)
+        if self.mode == "none" or not (step % self.log_every == 0 or step == self.total):
+            return
+        if self._progress is not None:
+            self._progress.console.print(f"step {step}/{self.total}  {summary}", highlight=False, markup=False,
+                                         soft_wrap=True)
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        self.console.print(f"step {step}/{self.total}  {summary}  [elapsed {_hms(elapsed)}, eta {_hms(eta)}]",
+                           highlight=False, markup=False, soft_wrap=True)
+
+    def print(self, message: str) -> None:
+        if self.mode != "none":
+            self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def summary_table(records: Sequence[dict[str, Any]], reward_names: Sequence[str], *, title: str = "run summary"):
+    """A rich Table: per objective the first and last training reward and the first/last evaluation."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("metric", "first", "last", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def row(label: str, key: str) -> None:
+        _, ys = _series(records, key)
+        if ys:
+            table.add_row(label, f"{ys[0]:.4g}", f"{ys[-1]:.4g}", f"{ys[-1] - ys[0]:+.4g}")
+
+    for name in reward_names:
+        row(f"reward/{name}", f"reward/{name}")
+        row(f"eval/reward/{name}", f"eval/reward/{name}")
+    for key in ("reward/total", "loss", "kl", "clip_frac", "grad_norm", "samples_per_s", "peak_memory_gb"):
+        row(key, key)
+    return table

@@ -1,0 +1,189 @@
+"""Rollout: sample groups of trajectories with ``ops.sde_step`` into the trajectory buffer.
+
+Per training step the trainer draws P prompts and samples G clips for each (N = P·G rows, group
+ids 0..P−1, row n belongs to group n // G). Rows are sampled in chunks of ``batch_size``; each
+chunk runs the whole schedule σ_0 = 1 → σ_T = 0:
+
+    v_t   = backbone.velocity(x_t, σ_t, cond[, uncond])          (CFG batched in one forward)
+    SDE:  x_{t+1}, log π_t = ops.sde_step(x_t, v_t, σ_t, σ_{t+1})  (stochastic, trainable steps)
+    ODE:  x_{t+1} = x_t + (σ_{t+1} − σ_t)·v_t                      (deterministic steps; log π_t := 0)
+
+and stores x_0..x_T in the buffer, log π in ``log_probs[N, T]`` and, when the credit scheme needs
+them, the clean-sample predictions x̂0_t = x_t − σ_t·v_t (flow matching: x_t = (1−σ)x0 + σ·noise,
+v = noise − x0). The chunk is then decoded and its rewards are scored — in a worker thread when
+``async_rewards``, so they overlap the sampling of the next chunk.
+
+The training pass recomputes log π_t with the same op from the same stored (x_t, x_{t+1}), the
+same σ and the same batch composition, so on-policy ratios come out exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from otca_fast import ops
+
+__all__ = ["NonFiniteError", "RolloutResult", "sample_trajectories", "sde_step_mask", "chunks"]
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf appeared in a log-prob, a latent or the loss; the message says where."""
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """``[0, n)`` cut into consecutive slices of ``size`` rows (the last may be shorter)."""
+    if size < 1:
+        raise ValueError(f"size: expected >= 1, got {size}")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def sde_step_mask(num_steps: int, mode: str, *, fraction: float = 1.0, window_size: int = 1,
+                  window_range: tuple[int, int] | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which of the ``num_steps`` denoising steps are stochastic: a ``[T]`` bool tensor.
+
+    ``all``: every step. ``fraction``: the first round(fraction·T) steps — the high-noise steps,
+    where exploration changes the sample most. ``window``: ``window_size`` consecutive steps whose
+    start is drawn uniformly from ``[lo, hi − window_size]`` (Flow-GRPO-Fast), ODE elsewhere.
+    """
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if mode == "all":
+        mask[:] = True
+    elif mode == "fraction":
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction: expected a value in (0, 1], got {fraction}")
+        mask[: max(1, round(fraction * num_steps))] = True
+    elif mode == "window":
+        lo, hi = window_range or (0, num_steps // 2)
+        if not (0 <= lo and lo + window_size <= hi <= num_steps):
+            raise ValueError(f"window_range: expected 0 <= lo, lo + window_size <= hi <= {num_steps}, got "
+                             f"[{lo}, {hi}) with window_size {window_size}")
+        start = lo + int(torch.randint(0, hi - window_size - lo + 1, (1,), generator=generator))
+        mask[start:start + window_size] = True
+    else:
+        raise ValueError(f"mode: expected 'all', 'fraction' or 'window', got {mode!r}")
+    return mask
+
+
+@dataclass
+class RolloutResult:
+    """What one rollout produced (latent states live in the buffer passed in)."""
+
+    log_probs: torch.Tensor                      # [N, T] float32 (0 on ODE steps)
+    final_latents: torch.Tensor | None = None    # [N, *latent_shape] when keep_final
+    rewards: torch.Tensor | None = None          # [N, K] float32 CPU, when rewards were scored
+    frames: list[torch.Tensor] = field(default_factory=list)  # decoded chunks kept for clips
+    step_rewards: torch.Tensor | None = None     # [N, T+1, K] float32 CPU (otca_timing)
+
+
+def _check_finite_rows(name: str, values: torch.Tensor, *, step: int, t: int, rows: slice,
+                       prompts: Sequence[str]) -> None:
+    """``values`` ``[B]`` (one number per row of the chunk ``rows``) must be finite."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        n = rows.start + i
+        raise NonFiniteError(f"step {step}: rollout {name} is {float(values[i])} at denoising step t={t} for "
+                             f"sample {n} (prompt {prompts[n]!r}); the velocity or the latent went non-finite "
+                             f"(try float32 weights, a smaller learning rate, or a lower noise_level)")
+
+
+def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch.Tensor, init_noise: torch.Tensor,
+                        prompts: Sequence[str], batch_size: int, dynamics: str, noise_level: float,
+                        generator: torch.Generator | None, guidance_scale: float = 1.0, uncond=None,
+                        buffer=None, x0_buffer=None, autocast: Callable[[], contextlib.AbstractContextManager]
+                        = contextlib.nullcontext, step: int = 0, score_fn=None,
+                        reward_executor: ThreadPoolExecutor | None = None, keep_frames: int = 0,
+                        keep_final: bool = False, step_reward_fn: Callable | None = None,
+                        on_progress: Callable[[int], None] | None = None) -> RolloutResult:
+    """Sample ``init_noise.shape[0]`` trajectories; see the module docstring for the math.
+
+    ``cond``/``uncond`` are PromptEmbeds for all N rows (uncond for one chunk is taken by index).
+    ``sigmas`` ``[T+1]`` float64 CPU. ``buffer.put(t, x_t, rows)`` receives every state,
+    ``x0_buffer.put(t, x̂0_t, rows)`` every clean-sample prediction. ``score_fn(frames, prompts,
+    step=...)`` scores a decoded chunk (in ``reward_executor`` when given); ``step_reward_fn(rows,
+    x0_preds, frames)`` gets a chunk's T clean-sample predictions and its decoded frames and returns
+    whatever per-step scores the caller wants (concatenated over chunks into ``step_rewards``; the
+    trainer's otca_timing hook). ``keep_frames`` decoded clips are returned for the report. Runs
+    under ``torch.no_grad()``.
+    """
+    n = init_noise.shape[0]
+    num_steps = sigmas.shape[0] - 1
+    if sde_mask.shape != (num_steps,):
+        raise ValueError(f"sde_mask: expected shape ({num_steps},), got {tuple(sde_mask.shape)}")
+    if len(prompts) != n:
+        raise ValueError(f"prompts: expected {n} (one per row of init_noise), got {len(prompts)}")
+    device = init_noise.device
+    sig = [float(s) for s in sigmas]
+    # Flow-GRPO's σ = 1 rule: the schedule's second sigma stands in for σ in 1 − σ of the noise scale
+    sigma_max = sig[1]
+    log_probs = torch.zeros(n, num_steps, dtype=torch.float32)
+    final = torch.empty_like(init_noise) if keep_final else None
+    futures: list[tuple[slice, Future | torch.Tensor]] = []
+    kept_frames: list[torch.Tensor] = []
+    step_rewards = [] if step_reward_fn is not None else None
+    with torch.no_grad():
+        for rows in chunks(n, batch_size):
+            x = init_noise[rows]
+            b = x.shape[0]
+            c = cond.index(rows)
+            u = uncond.index(slice(0, b)) if uncond is not None else None
+            if buffer is not None:
+                buffer.put(0, x, rows)
+            x0s = [] if step_reward_fn is not None else None
+            for t in range(num_steps):
+                sigma_b = torch.full((b,), sig[t], device=device, dtype=torch.float32)
+                with autocast():
+                    v = backbone.velocity(x, sigma_b, c, guidance_scale=guidance_scale, uncond=u)
+                v = v.to(x.dtype)
+                if x0_buffer is not None or x0s is not None:
+                    x0 = (x.float() - sig[t] * v.float()).to(x.dtype)  # x̂0 = x_t − σ_t·v_t
+                    if x0_buffer is not None:
+                        x0_buffer.put(t, x0, rows)
+                    if x0s is not None:
+                        x0s.append(x0)
+                if bool(sde_mask[t]):
+                    x, lp, _, _ = ops.sde_step(x, v, sig[t], sig[t + 1], dynamics=dynamics, noise_level=noise_level,
+                                               generator=generator, sigma_max=sigma_max)
+                    _check_finite_rows("log_prob", lp, step=step, t=t, rows=rows, prompts=prompts)
+                    log_probs[rows, t] = lp.float().cpu()
+                else:
+                    x = (x.float() + (sig[t + 1] - sig[t]) * v.float()).to(x.dtype)
+                    # one number per row that is non-finite iff the row has a NaN/Inf anywhere
+                    _check_finite_rows("latent", x.flatten(1).float().sum(1), step=step, t=t, rows=rows,
+                                       prompts=prompts)
+                if buffer is not None:
+                    buffer.put(t + 1, x, rows)
+                if on_progress is not None:
+                    on_progress(b)
+            if final is not None:
+                final[rows] = x
+            if score_fn is None and keep_frames <= len(kept_frames) and step_reward_fn is None:
+                continue
+            frames = backbone.decode(x)
+            if len(kept_frames) < keep_frames:
+                kept_frames.extend(frames[: keep_frames - len(kept_frames)].cpu())
+            if step_reward_fn is not None:
+                step_rewards.append(step_reward_fn(rows, x0s, frames))
+            if score_fn is not None:
+                chunk_prompts = list(prompts[rows])
+                frames_cpu = frames.float().cpu()
+                if reward_executor is not None:
+                    futures.append((rows, reward_executor.submit(score_fn, frames_cpu, chunk_prompts, step=step)))
+                else:
+                    futures.append((rows, score_fn(frames_cpu, chunk_prompts, step=step)))
+    result = RolloutResult(log_probs=log_probs, final_latents=final, frames=kept_frames)
+    if futures:
+        parts = []
+        for _, f in futures:
+            # .result() re-raises a RewardError from the worker thread here, in the training thread
+            parts.append(f.result() if isinstance(f, Future) else f)
+        result.rewards = torch.cat(parts, 0)
+    if step_rewards:
+        result.step_rewards = torch.cat(step_rewards, 0)
+    return result

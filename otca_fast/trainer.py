@@ -1,0 +1,1022 @@
+"""The GRPO trainer: one readable loop, top to bottom (torchtune-recipe style).
+
+A training step is
+
+1. **prompts** — P prompts from the shuffled training set; group g holds G samples of prompt g
+   (integer group ids 0..P−1, N = P·G rows);
+2. **rollout** — :func:`otca_fast.rollout.sample_trajectories`: sample the N trajectories with
+   ``ops.sde_step`` (SDE on all steps / a fraction / a window), store every state in the
+   trajectory buffer and the step log-probs, decode, score the rewards (in a thread, overlapping
+   the next chunk) → R[N, K];
+3. **credit** — ``otca_fast.credit.build_advantages(scheme, ...)`` → A[N, T] (which step and which
+   objective earned the reward; ``otca`` by default);
+4. **timesteps** — the trained steps per sample: all trainable SDE steps, a random fraction, a
+   window, or credit-guided ``select_timesteps`` (its importance weights multiply the advantage);
+5. **update** — for every (micro-batch, trained step): recompute the velocity with gradients and
+   take ``ops.grpo_step_loss`` (clipped surrogate, optional KL to the reference policy), summed so
+   that each optimizer update sees the mean over its samples and steps; clip, step, EMA.
+
+Then metrics (``metrics.jsonl``, TensorBoard), checkpoints (atomic, last N kept), evaluation on
+held-out prompts (EMA weights, ODE sampling, fixed seed; clips as GIF/MP4), plots under
+``report/`` and a summary table at the end.
+
+Loss normalisation: the update u over the rows S_u and the M trained steps per row minimises
+
+    L_u = 1/(|S_u|·M) · Σ_{n∈S_u} Σ_m ℓ(n, t_{n,m}),
+    ℓ = −min(r·Â, clip(r, 1±ε)·Â) + β·KL,   Â = clip(A[n, t], ±adv_clip_max) · weight[n, m]
+
+(a micro-batch of b rows contributes mean_b ℓ · b/(|S_u|·M) per step). The selection weight goes
+into Â because the clipped surrogate is positively homogeneous in A: −min(r·wA, clip(r)·wA) =
+w·(−min(r·A, clip(r)·A)) for w > 0, so this is exactly the weighted per-step loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from otca_fast import checkpoint as ckpt
+from otca_fast import ops, report
+from otca_fast.config import Config, ConfigError
+from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask
+
+__all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# metrics that measure time or memory: they differ between two runs of the same numbers
+TIMING_KEYS = ("samples_per_s", "time/rollout_s", "time/update_s", "time/step_s", "peak_memory_gb")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a failure that the message locates (step, timestep, reward, prompt)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+
+def _stream_seed(seed: int, name: str) -> int:
+    """A distinct, reproducible seed per random stream (crc32 is stable across processes)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PromptSampler:
+    """Draws ``per_step`` prompt indices per step from epochs of a (shuffled) permutation.
+
+    Its whole state (epoch, position, permutation, generator) goes into checkpoints, so a resumed
+    run draws the same prompts as an uninterrupted one.
+    """
+
+    def __init__(self, num_prompts: int, per_step: int, *, seed: int, shuffle: bool = True):
+        if num_prompts < 1:
+            raise ValueError(f"num_prompts: expected >= 1, got {num_prompts}")
+        self.num_prompts, self.per_step, self.shuffle = num_prompts, per_step, shuffle
+        self.generator = torch.Generator().manual_seed(_stream_seed(seed, "prompts"))
+        self.epoch, self.pos = 0, 0
+        self.order = self._new_order()
+
+    def _new_order(self) -> torch.Tensor:
+        if self.shuffle:
+            return torch.randperm(self.num_prompts, generator=self.generator)
+        return torch.arange(self.num_prompts)
+
+    def next(self) -> list[int]:
+        out = []
+        while len(out) < self.per_step:
+            if self.pos == self.num_prompts:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._new_order()
+            out.append(int(self.order[self.pos]))
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos, "order": self.order.clone(),
+                "generator": self.generator.get_state(), "num_prompts": self.num_prompts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["num_prompts"]) != self.num_prompts:
+            raise ValueError(f"checkpoint prompt sampler: saved for {int(state['num_prompts'])} prompts, the config "
+                             f"has {self.num_prompts}; resume with the same data.prompts")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.order = state["order"].clone()
+        self.generator.set_state(state["generator"])
+
+
+@contextlib.contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """The base model: every peft LoRA layer of ``module`` switched off for the duration.
+
+    This is the KL reference of LoRA training (Flow-GRPO's ``disable_adapter()``): the network
+    with its adapters removed is exactly the frozen pretrained policy, at no extra memory.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise RuntimeError("adapters_disabled: the module has no peft adapter layers")
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+def _read_prompts(inline: list[str], path: Path | None, what: str) -> list[str]:
+    prompts = list(inline)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"data.{what}_file: file not found: {p} (one prompt per line)")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    return prompts
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # CPU: the process's peak resident set (ru_maxrss is in KiB on Linux, bytes on macOS)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Builds everything a run needs from a :class:`Config`, then :meth:`train` runs it."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console=None):
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.console = console or Console(stderr=True)
+        self.output_dir = Path(cfg.run.output_dir)
+        self.step = 0
+        self.optimizer_steps = 0
+        self._closed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self.metrics: report.MetricsLog | None = None
+        self.progress = report.RunProgress("none", total_steps=cfg.train.max_steps)
+        self._updated_this_step = False  # an optimizer step happened since the last step's start
+
+        # --- where the run lives -----------------------------------------------------------------
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if resume and latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir / ckpt.CHECKPOINT_SUBDIR} "
+                                    f"(run without --resume to start a new run)")
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other (continue a run, or start it over)")
+        if not resume and latest is not None:
+            if not overwrite:
+                raise FileExistsError(f"run.output_dir {self.output_dir} already holds a run (latest checkpoint: "
+                                      f"{latest.name}); pass --resume to continue it, --overwrite to start it "
+                                      f"over, or choose another run.output_dir")
+            self._remove_previous_run()
+        self.device = self._resolve_device(cfg.run.device)
+        self.latent_dtype = _DTYPES[cfg.sample.latent_dtype]
+        mp = cfg.train.mixed_precision
+        use_bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        # --- everything random below is seeded: tiny random backbones and LoRA init included -------
+        _seed_everything(cfg.run.seed)
+
+        # --- data ------------------------------------------------------------------------------------
+        self.prompts = _read_prompts(cfg.data.prompts, cfg.data.prompt_file, "prompt")
+        self.eval_prompts = _read_prompts(cfg.data.eval_prompts, cfg.data.eval_prompt_file, "eval_prompt")
+        if not self.prompts:
+            raise ConfigError("data: no training prompts (data.prompts is empty and data.prompt_file has none)")
+        self.sampler = PromptSampler(len(self.prompts), cfg.sample.prompts_per_step, seed=cfg.run.seed,
+                                     shuffle=cfg.data.shuffle)
+        self.group_size = cfg.sample.group_size
+        self.num_samples = cfg.sample.prompts_per_step * cfg.sample.group_size
+
+        # --- rewards ---------------------------------------------------------------------------------
+        from otca_fast.rewards import build_reward
+
+        if cfg.model.family == "shapes" or any(r.name.startswith("shapes_") for r in cfg.rewards):
+            import otca_fast.toy.rewards  # noqa: F401  (registers shapes_alignment / _motion / _quality)
+        self.rewards = []
+        for i, spec in enumerate(cfg.rewards):
+            try:
+                self.rewards.append(build_reward(spec.name, **spec.options))
+            except (TypeError, ValueError, ImportError) as e:
+                raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
+        self.reward_names = [r.name for r in self.rewards]
+        self.reward_weights = [spec.weight for spec in cfg.rewards]
+        if cfg.credit.scheme == "otca_timing" and not any(r.cheap for r in self.rewards):
+            raise ConfigError(f"credit.scheme: otca_timing scores the rewards marked cheap on the intermediate x̂0 "
+                              f"predictions, but none of {self.reward_names} is cheap")
+
+        # --- backbone, fine-tuning mode, reference policy --------------------------------------------
+        self.backbone = self._build_backbone()
+        self.transformer = self.backbone.transformer
+        self.ref_transformer = None
+        self.named_trainable = self._setup_finetuning()
+        self.trainable = list(self.named_trainable.values())
+        try:
+            self.latent_shape = tuple(self.backbone.latent_shape(cfg.sample.height, cfg.sample.width,
+                                                                 cfg.sample.num_frames))
+        except ValueError as e:
+            raise ConfigError(f"sample.height / width / num_frames: {e}") from None
+        self.sigmas = self.backbone.sigmas(cfg.sample.num_steps).detach().to("cpu", torch.float64)
+        self.eval_sigmas = self.backbone.sigmas(cfg.eval.num_steps or cfg.sample.num_steps).detach().to(
+            "cpu", torch.float64)
+        self._embed_all_prompts()
+
+        # --- optimizer and EMA -------------------------------------------------------------------------
+        self.optimizer = self._build_optimizer()
+        self.ema = None
+        if cfg.train.ema.enabled:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=cfg.train.ema.decay)
+
+        # --- credit ----------------------------------------------------------------------------------
+        self.credit_config = cfg.credit_config()
+
+        # --- the random streams of the loop (all saved in checkpoints) ---------------------------------
+        self.generators = {
+            "noise": torch.Generator(device=self.device).manual_seed(_stream_seed(cfg.run.seed, "noise")),
+            "schedule": torch.Generator().manual_seed(_stream_seed(cfg.run.seed, "schedule")),
+            "credit": torch.Generator().manual_seed(_stream_seed(cfg.run.seed, "credit")),
+        }
+
+        # --- trajectory storage ------------------------------------------------------------------------
+        from otca_fast.buffer import TrajectoryBuffer
+
+        t = cfg.sample.num_steps
+        self.buffer = TrajectoryBuffer(self.num_samples, t + 1, self.latent_shape, dtype=self.latent_dtype,
+                                       device=self.device)
+        self.x0_buffer = None
+        if self._needs_x0_preds():
+            self.x0_buffer = TrajectoryBuffer(self.num_samples, t, self.latent_shape, dtype=self.latent_dtype,
+                                              device=self.device)
+        if cfg.sample.async_rewards:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otca-rewards")
+
+        # --- resume --------------------------------------------------------------------------------------
+        if resume:
+            self._load_checkpoint(latest)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.report_dir = self.output_dir / "report"
+        self.report_dir.mkdir(exist_ok=True)
+        self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
+                                         resume_step=self.step if resume else None)
+        self.last_credit_info: dict[str, Any] | None = None
+
+    # ============================================================================================
+    # set-up
+    # ============================================================================================
+
+    def _remove_previous_run(self) -> None:
+        """``--overwrite``: delete what an earlier run wrote here (only the trainer's own outputs)."""
+        import shutil
+
+        for name in (ckpt.CHECKPOINT_SUBDIR, "tb", "report"):
+            shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "config.yaml"):
+            (self.output_dir / name).unlink(missing_ok=True)
+
+    @staticmethod
+    def _resolve_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"run.device: {name!r} but no CUDA device is available (use 'auto' or 'cpu')")
+        return dev
+
+    def _build_backbone(self):
+        from otca_fast.models import build_backbone
+
+        m = self.cfg.model
+        try:
+            return build_backbone(m.family, path=None if m.path is None else str(m.path), tiny=m.tiny or None,
+                                  allow_download=m.allow_download, dtype=_DTYPES[m.dtype], device=self.device,
+                                  attention_backend=m.attention_backend, **m.options)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model ({m.family}): {e}") from None
+
+    def _setup_finetuning(self) -> dict[str, torch.nn.Parameter]:
+        """Freeze the backbone; add LoRA adapters (peft) or unfreeze the transformer; build the KL reference."""
+        cfg = self.cfg.train
+        tr = self.transformer
+        tr.requires_grad_(False)
+        # eval mode throughout: the policy must be the same function in rollout and training
+        # (dropout would make the training log-prob differ from the rollout's, so ratio != 1)
+        tr.eval()
+        reference = cfg.kl_reference
+        if reference == "auto":
+            reference = "adapter" if cfg.finetune == "lora" else "copy"
+        if cfg.kl_beta > 0 and reference == "copy":
+            self.ref_transformer = copy.deepcopy(tr).requires_grad_(False).eval()
+        self._kl_mode = reference if cfg.kl_beta > 0 else None
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = cfg.lora.target_modules or list(self.backbone.lora_target_modules())
+            lcfg = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
+                              target_modules=targets)
+            try:
+                inject_adapter_in_model(lcfg, tr)
+            except ValueError as e:
+                raise ConfigError(f"train.lora.target_modules: {e} (the backbone's defaults are "
+                                  f"{list(self.backbone.lora_target_modules())})") from None
+            # adapters train in float32 even over bf16 base weights (their updates are tiny)
+            for name, p in tr.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+        else:
+            tr.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            if not hasattr(tr, "enable_gradient_checkpointing"):
+                raise ConfigError(f"train.gradient_checkpointing: {type(tr).__name__} has no "
+                                  f"enable_gradient_checkpointing()")
+            tr.enable_gradient_checkpointing()
+        if cfg.compile:
+            tr.compile()
+        named = {n: p for n, p in tr.named_parameters() if p.requires_grad}
+        if not named:
+            raise ConfigError("train: nothing to train (no parameter requires grad after the fine-tuning set-up)")
+        return named
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optimizer
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        if o.name == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError("optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA "
+                                  "only); or use optimizer.name: adamw") from None
+            return bnb.optim.AdamW8bit(self.trainable, **kwargs)
+        return torch.optim.AdamW(self.trainable, **kwargs)
+
+    def _embed_all_prompts(self) -> None:
+        """Embed every prompt once (the backbone caches them), then let the text encoders leave the GPU."""
+        texts = list(dict.fromkeys(self.prompts + self.eval_prompts + [self.cfg.sample.negative_prompt]))
+        for part in chunks(len(texts), 64):
+            self.backbone.encode_prompts(texts[part])
+        if self.cfg.model.offload_text_encoder:
+            self.backbone.offload_text_encoder()
+
+    def _needs_x0_preds(self) -> bool:
+        c = self.cfg.credit
+        return c.scheme == "coca" or (c.source == "x0_pred" and c.scheme in ("otca", "tcd_only", "otca_timing"))
+
+    def _needs_latents(self) -> bool:
+        c = self.cfg.credit
+        return c.scheme in ("otca", "tcd_only", "coca") or (c.scheme == "otca_timing" and c.timing_blend > 0)
+
+    # ============================================================================================
+    # the loop
+    # ============================================================================================
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run until ``train.max_steps``; returns the metric records of this run."""
+        cfg = self.cfg
+        progress = report.RunProgress(cfg.run.progress, total_steps=cfg.train.max_steps, start_step=self.step,
+                                      log_every=cfg.run.log_every, console=self.console)
+        self.progress = progress
+        records = []
+        try:
+            progress.print(self._banner())
+            if self.step == 0:
+                self._guarded(0, lambda: self.evaluate(0), self._state_for_checkpoint())
+            while self.step < cfg.train.max_steps:
+                step = self.step + 1
+                good_state = self._state_for_checkpoint()  # the last good state, should step fail
+                record = self._guarded(step, lambda s=step: self.train_step(s), good_state)
+                self.step = step
+                records.append(self.metrics.log(step, record))
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                    self.save_checkpoint()
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
+                    self._guarded(step, lambda s=step: self.evaluate(s), None)
+                if (cfg.run.plot_every and step % cfg.run.plot_every == 0) or step == cfg.train.max_steps:
+                    self.write_plots(step)
+                progress.step_done(step, self._summary_line(record))
+        finally:
+            progress.close()
+        if records:
+            self.console.print(report.summary_table(report.read_metrics(self.metrics.path), self.reward_names,
+                                                    title=f"otca_fast run summary ({self.output_dir})"))
+        return records
+
+    def _guarded(self, step: int, fn, good_state: dict[str, Any] | None):
+        """Run ``fn``; on a reward failure or a non-finite value, checkpoint the last good state and stop."""
+        from otca_fast.rewards import RewardError
+
+        self._updated_this_step = False
+        try:
+            return fn()
+        except (RewardError, NonFiniteError) as e:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            if good_state is None:
+                # evaluation after a completed step: the training state itself is sound
+                where = f"; the state after step {step} is checkpointed in {self.save_checkpoint()}"
+            elif self._updated_this_step:
+                # an optimizer update already ran in this step, so the weights are no longer those of
+                # the state captured before it; do not write a checkpoint that mixes the two
+                where = (f"; the weights were already updated in step {step}, so no new checkpoint is written "
+                         f"(latest: {latest if latest is not None else 'none'})")
+            elif step > 0:
+                path = self._write_checkpoint(step - 1, good_state)
+                where = f"; the last good state (step {step - 1}) is checkpointed in {path}"
+            else:
+                where = ""
+            raise TrainingError(f"{e}{where}") from e
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One GRPO iteration: prompts → rollout → credit → timesteps → update. Returns its metrics."""
+        t_start = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        # 1. prompts: group g = G copies of prompt g (integer group ids, never decoded strings)
+        prompt_ids = self.sampler.next()
+        prompts = [self.prompts[i] for i in prompt_ids for _ in range(self.group_size)]
+        group_ids = torch.arange(len(prompt_ids)).repeat_interleave(self.group_size)
+
+        # 2. rollout
+        roll = self.rollout(step, prompts)
+        t_rollout = time.perf_counter() - t_start
+
+        # 3. credit: A[n, t]
+        A, info = self.compute_advantages(step, roll, group_ids)
+
+        # 4. which steps to train, per sample, with their loss weights
+        index, weight, valid = self.choose_timesteps(roll["sde_mask"], A, info)
+
+        # 5. the update
+        t_update = time.perf_counter()
+        stats = self.update(step, roll, A, index, weight, valid)
+        t_end = time.perf_counter()
+
+        rewards = roll["rewards"]
+        record: dict[str, Any] = {}
+        for k, name in enumerate(self.reward_names):
+            record[f"reward/{name}"] = float(rewards[:, k].mean())
+            record[f"reward_std/{name}"] = float(rewards[:, k].std(unbiased=False))
+        w = torch.tensor(self.reward_weights, dtype=torch.float32)
+        record["reward/total"] = float((rewards * w).sum(1).mean())
+        # a group whose every objective has zero spread carries no GRPO signal (Flow-GRPO logs it)
+        spread = torch.stack([rewards[group_ids == g].std(0, unbiased=False) for g in range(len(prompt_ids))])
+        record["zero_std_ratio"] = float((spread.amax(1) <= 1e-8).float().mean())
+        record.update(stats)
+        record.update(self._credit_summary(A, info, valid))
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["samples_per_s"] = self.num_samples / (t_end - t_start)
+        record["time/rollout_s"] = t_rollout
+        record["time/update_s"] = t_end - t_update
+        record["time/step_s"] = t_end - t_start
+        record["peak_memory_gb"] = _peak_memory_gb(self.device)
+        self.last_credit_info = info
+        return record
+
+    # ============================================================================================
+    # 2. rollout
+    # ============================================================================================
+
+    def _progress(self, step: int) -> float:
+        """Training progress in [0, 1) at the start of ``step`` (drives progressive credit windows)."""
+        return (step - 1) / self.cfg.train.max_steps
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _initial_noise(self, num_prompts: int, generator: torch.Generator) -> torch.Tensor:
+        shape = (num_prompts if self.cfg.sample.same_noise else num_prompts * self.group_size, *self.latent_shape)
+        noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        if self.cfg.sample.same_noise:
+            # DanceGRPO's init_same_noise: the group differs only through the SDE noise
+            noise = noise.repeat_interleave(self.group_size, dim=0)
+        return noise.to(self.latent_dtype)
+
+    def _score(self, frames: torch.Tensor, prompts: list[str], *, step: int) -> torch.Tensor:
+        from otca_fast.rewards import score_rewards
+
+        return score_rewards(self.rewards, frames, prompts, step=step)
+
+    def rollout(self, step: int, prompts: list[str]) -> dict[str, Any]:
+        """Sample the step's N trajectories into the buffer; score them. Returns what training needs."""
+        cfg = self.cfg.sample
+        sde = cfg.sde
+        window = None
+        if self.cfg.credit.scheme == "window":
+            # MixGRPO / Flow-GRPO-Fast: the credit window *is* the set of SDE steps (ODE elsewhere);
+            # build_advantages gets the same (start, stop) back
+            from otca_fast.credit import window_steps
+
+            window = window_steps(cfg.num_steps, self.credit_config, generator=self.generators["schedule"],
+                                  progress=self._progress(step))
+            sde_mask = torch.zeros(cfg.num_steps, dtype=torch.bool)
+            sde_mask[window[0]:window[1]] = True
+        else:
+            sde_mask = sde_step_mask(cfg.num_steps, sde.mode, fraction=sde.fraction, window_size=sde.window_size,
+                                     window_range=sde.window_range, generator=self.generators["schedule"])
+        cond = self.backbone.encode_prompts(prompts)
+        uncond = None
+        if cfg.guidance_scale != 1.0:
+            uncond = self.backbone.encode_prompts([cfg.negative_prompt] * min(cfg.batch_size, len(prompts)))
+        noise = self._initial_noise(len(prompts) // self.group_size, self.generators["noise"])
+        # forget the previous step's trajectories: a gather of a pair not written this step then raises
+        self.buffer.reset()
+        if self.x0_buffer is not None:
+            self.x0_buffer.reset()
+        step_reward_fn = self._step_reward_fn(step, prompts) if self.cfg.credit.scheme == "otca_timing" else None
+        self.progress.phase("rollout", len(prompts) * cfg.num_steps)
+        out = sample_trajectories(
+            self.backbone, cond, sigmas=self.sigmas, sde_mask=sde_mask, init_noise=noise, prompts=prompts,
+            batch_size=cfg.batch_size, dynamics=cfg.dynamics, noise_level=cfg.noise_level,
+            generator=self.generators["noise"], guidance_scale=cfg.guidance_scale, uncond=uncond,
+            buffer=self.buffer, x0_buffer=self.x0_buffer, autocast=self._autocast, step=step,
+            score_fn=self._score, reward_executor=self._executor, step_reward_fn=step_reward_fn,
+            on_progress=lambda b: self.progress.advance("rollout", b))
+        step_rewards = None
+        if step_reward_fn is not None:
+            step_rewards = self._assemble_step_rewards(out.step_rewards, out.rewards)
+        return {"prompts": prompts, "cond": cond, "uncond": uncond, "sde_mask": sde_mask, "window": window,
+                "log_probs": out.log_probs, "rewards": out.rewards, "step_rewards": step_rewards}
+
+    # --- otca_timing: cheap rewards on the decoded x̂0 predictions --------------------------------------
+
+    def _timing_states(self) -> list[int]:
+        from otca_fast.credit.timing import evaluation_states
+
+        return evaluation_states(self.cfg.sample.num_steps, self.credit_config.timing_every)
+
+    def _step_reward_fn(self, step: int, prompts: list[str]):
+        cheap = [k for k, r in enumerate(self.rewards) if r.cheap]
+        from otca_fast.rewards import score_rewards
+
+        states = self._timing_states()[:-1]  # the last state is the final sample, scored anyway
+        cheap_rewards = [self.rewards[k] for k in cheap]
+
+        def fn(rows: slice, x0s: list[torch.Tensor], _frames: torch.Tensor) -> torch.Tensor:
+            chunk_prompts = prompts[rows]
+            values = []
+            for j in states:
+                frames = self.backbone.decode(x0s[j]).float().cpu()
+                values.append(score_rewards(cheap_rewards, frames, chunk_prompts, step=step))
+            return torch.stack(values, 1)  # [B, M-1, K_cheap]
+
+        return fn
+
+    def _assemble_step_rewards(self, cheap_values: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """[N, T+1, K]: cheap rewards interpolated between the scored states, the others constant.
+
+        An objective that is not scored per step is given its final value at every state: its
+        gains are then 0 and its timing uniform (credit/timing.py).
+        """
+        from otca_fast.credit.timing import interpolate_step_rewards
+
+        t = self.cfg.sample.num_steps
+        cheap = [k for k, r in enumerate(self.rewards) if r.cheap]
+        values = torch.cat([cheap_values, final[:, None, cheap]], 1)
+        interp = interpolate_step_rewards(values, self._timing_states(), t)
+        out = final[:, None, :].repeat(1, t + 1, 1)
+        out[:, :, cheap] = interp.to(out.dtype)
+        return out
+
+    # ============================================================================================
+    # 3. credit
+    # ============================================================================================
+
+    def compute_advantages(self, step: int, roll: dict[str, Any], group_ids: torch.Tensor):
+        """A[N, T] from ``build_advantages`` with the configured scheme."""
+        from otca_fast.credit import build_advantages
+
+        cfg = self.cfg
+        n, t = self.num_samples, cfg.sample.num_steps
+        kwargs: dict[str, Any] = {}
+        if self._needs_latents():
+            all_n = torch.arange(n).repeat_interleave(t + 1)
+            all_t = torch.arange(t + 1).repeat(n)
+            kwargs["latents"] = self.buffer.gather(all_n, all_t).view(n, t + 1, *self.latent_shape)
+        if self.x0_buffer is not None:
+            all_n = torch.arange(n).repeat_interleave(t)
+            all_t = torch.arange(t).repeat(n)
+            kwargs["x0_preds"] = self.x0_buffer.gather(all_n, all_t).view(n, t, *self.latent_shape)
+        # every tensor on one device: the trajectory's when it is passed, else the CPU
+        dev = kwargs["latents"].device if "latents" in kwargs else torch.device("cpu")
+        kwargs["sigmas"] = self.sigmas.float().to(dev)
+        if roll["step_rewards"] is not None:
+            kwargs["step_rewards"] = roll["step_rewards"].to(dev)
+        A, info = build_advantages(cfg.credit.scheme, rewards=roll["rewards"].to(dev), group_ids=group_ids.to(dev),
+                                   config=self.credit_config, progress=self._progress(step),
+                                   generator=self.generators["credit"], window=roll["window"], **kwargs)
+        A = A.float()
+        if A.shape != (n, t):
+            raise RuntimeError(f"build_advantages({cfg.credit.scheme!r}) returned A of shape {tuple(A.shape)}, "
+                               f"expected ({n}, {t})")
+        if not bool(torch.isfinite(A).all()):
+            i, j = (int(v) for v in (~torch.isfinite(A)).nonzero()[0])
+            raise NonFiniteError(f"step {step}: the advantage A[{i}, {j}] of credit scheme {cfg.credit.scheme!r} "
+                                 f"is {float(A[i, j])}")
+        return A.cpu(), info
+
+    def _credit_summary(self, A: torch.Tensor, info: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
+        """Scalars for the log: where the credit went over steps and objectives."""
+        out: dict[str, Any] = {}
+        absA = A.abs()
+        per_step = absA.mean(0)
+        half = max(1, per_step.numel() // 2)
+        out["credit/adv_abs_mean"] = float(absA.mean())
+        out["credit/adv_std"] = float(A.std(unbiased=False))
+        # share of |A| on the first (high-noise) half of the steps
+        out["credit/early_share"] = float(per_step[:half].sum() / per_step.sum().clamp_min(1e-12))
+        out["credit/step_profile"] = [round(float(v), 6) for v in per_step]  # mean |A[:, t]| (jsonl only)
+        out["credit/trained_steps_per_sample"] = float(valid.sum(1).float().mean())
+        w = info.get("w")
+        if isinstance(w, torch.Tensor):
+            w = w.detach().float().cpu()
+            row = w.sum(1) if w.dim() == 2 else w.sum(1).mean(-1)
+            peak = w.amax(1) if w.dim() == 2 else w.amax(1).mean(-1)
+            # 1/T = uniform credit; 1 = all of a sample's credit on one step
+            out["credit/w_peak_share"] = float((peak / row.clamp_min(1e-12)).mean())
+        c = info.get("c")
+        if isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[1] == len(self.reward_names):
+            for k, name in enumerate(self.reward_names):
+                out[f"credit/c/{name}"] = float(c[:, k].float().mean())  # the objective mix (MOCA)
+        cos = info.get("cosines")
+        if isinstance(cos, torch.Tensor):
+            out["credit/cos_first_state"] = float(cos[:, 0].float().mean())
+        return out
+
+    # ============================================================================================
+    # 4. timesteps
+    # ============================================================================================
+
+    def trainable_steps(self, sde_mask: torch.Tensor) -> torch.Tensor:
+        """The SDE steps that may be trained; the last denoising step never is (σ' = 0 overflows)."""
+        steps = sde_mask.nonzero().flatten()
+        if self.cfg.train.skip_last_step:
+            steps = steps[steps != sde_mask.numel() - 1]
+        return steps
+
+    def choose_timesteps(self, sde_mask: torch.Tensor, A: torch.Tensor, info: dict[str, Any]):
+        """``(index, weight, valid)``, each ``[N, M]``: the absolute steps each sample trains, their loss
+        weights, and which entries are real (rows may train fewer steps than M, e.g. DanceGRPO's random
+        subset minus the never-trained last step).
+
+        The candidates are the trainable SDE steps that the scheme's ``train_mask`` keeps (``dance``
+        and ``window`` choose their own steps; the other schemes keep all), then ``train.timesteps``
+        picks among them.
+        """
+        from otca_fast.credit import select_timesteps
+
+        ts = self.cfg.train.timesteps
+        steps = self.trainable_steps(sde_mask)
+        n, s = A.shape[0], steps.numel()
+        allowed = info["train_mask"].to("cpu", torch.bool)[:, steps]
+        if ts.mode == "all":
+            counts = allowed.sum(1)
+            m = max(int(counts.max()), 1) if n else 1
+            # stable sort puts each row's allowed steps first, in step order
+            local = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :m]
+            valid = torch.arange(m)[None, :] < counts[:, None]
+            weight = torch.ones(n, m)
+        elif ts.mode == "fraction":
+            # DanceGRPO: a random subset of int(S·fraction) steps per sample, trained in step order
+            m = max(1, int(s * ts.fraction))
+            local = torch.stack([torch.randperm(s, generator=self.generators["schedule"])[:m].sort().values
+                                 for _ in range(n)])
+            weight, valid = torch.ones(n, m), torch.ones(n, m, dtype=torch.bool)
+        elif ts.mode == "window":
+            local = torch.arange(ts.window_start, ts.window_start + ts.window_size).expand(n, ts.window_size)
+            weight, valid = torch.ones(n, ts.window_size), torch.ones(n, ts.window_size, dtype=torch.bool)
+        else:
+            # credit-guided: sample steps ∝ |A[n, t]| with Horvitz–Thompson weights 1/π, so the
+            # weighted loss is an unbiased estimate of the loss over all trainable steps
+            local, weight = select_timesteps(A[:, steps].abs().float(), ts.fraction, mode=ts.select_mode,
+                                             generator=self.generators["credit"])
+            valid = torch.ones_like(local, dtype=torch.bool)
+        return steps[local].contiguous(), weight.float().contiguous(), valid.contiguous()
+
+    # ============================================================================================
+    # 5. update
+    # ============================================================================================
+
+    def _velocity(self, x, sigma_rows, cond, uncond, *, transformer=None):
+        with self._autocast():
+            return self.backbone.velocity(x, sigma_rows, cond, guidance_scale=self.cfg.sample.guidance_scale,
+                                          uncond=uncond, transformer=transformer).to(x.dtype)
+
+    def _reference_velocity(self, x, sigma_rows, cond, uncond):
+        with torch.no_grad():
+            if self._kl_mode == "adapter":
+                with adapters_disabled(self.transformer):
+                    return self._velocity(x, sigma_rows, cond, uncond)
+            return self._velocity(x, sigma_rows, cond, uncond, transformer=self.ref_transformer)
+
+    def update(self, step: int, roll: dict[str, Any], A: torch.Tensor, index: torch.Tensor,
+               weight: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """Clipped-GRPO updates over the trained (sample, step) pairs; returns the loss statistics."""
+        cfg = self.cfg
+        tc = cfg.train
+        n, m = index.shape
+        sig = self.sigmas
+        sigma_max = float(sig[1])  # Flow-GRPO's σ = 1 rule, as in the rollout
+        # the rollout's chunks (same rows, same batch composition, so on-policy ratios are exactly 1),
+        # split as evenly as possible over the optimizer updates of this step
+        micro = chunks(n, cfg.sample.batch_size)
+        k = min(tc.updates_per_step, len(micro))
+        groups = [micro[i * len(micro) // k:(i + 1) * len(micro) // k] for i in range(k)]
+        old_log_probs = roll["log_probs"]
+        clip = self.credit_config.adv_clip_max
+        adv = A.clamp(-clip, clip)  # Flow-GRPO clamps A[:, t] to ±adv_clip_max before the surrogate
+        cond, uncond = roll["cond"], roll["uncond"]
+        sums = dict.fromkeys(("loss", "ratio", "clipped", "approx_kl", "kl"), 0.0)
+        ratio_dev_max, pairs_done, grad_norms = 0.0, 0, []
+        self.progress.phase("update", tc.inner_epochs * int(valid.sum()))
+        for _epoch in range(tc.inner_epochs):
+            for part in groups:
+                # L_u = mean over this update's (sample, step) pairs of the per-step loss
+                pairs = sum(int(valid[rows].sum()) for rows in part)
+                if pairs == 0:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                for rows in part:
+                    all_ids = torch.arange(rows.start, rows.stop)
+                    for j in range(m):
+                        keep = valid[rows, j]
+                        if not bool(keep.any()):
+                            continue
+                        full = bool(keep.all())
+                        ids = all_ids if full else all_ids[keep]
+                        b = ids.numel()
+                        c = cond.index(rows) if full else cond.index(ids)
+                        u = uncond.index(slice(0, b)) if uncond is not None else None
+                        t = index[ids, j]
+                        if j + 1 < m:
+                            nxt = valid[rows, j + 1]
+                            self.buffer.prefetch(all_ids[nxt], index[all_ids[nxt], j + 1])
+                        x = self.buffer.gather(ids, t)
+                        x_next = self.buffer.gather(ids, t + 1)
+                        s_rows, s_next = sig[t], sig[t + 1]
+                        sigma_in = s_rows.to(device=self.device, dtype=torch.float32)
+                        v = self._velocity(x, sigma_in, c, u)
+                        v_ref = self._reference_velocity(x, sigma_in, c, u) if self._kl_mode else None
+                        a_rows = (adv[ids, t] * weight[ids, j]).to(self.device)
+                        old = old_log_probs[ids, t].to(self.device)
+                        loss, st = ops.grpo_step_loss(
+                            x, v, x_next, old, a_rows, s_rows, s_next, dynamics=cfg.sample.dynamics,
+                            noise_level=cfg.sample.noise_level, clip_range=tc.clip_range,
+                            ref_model_output=v_ref, kl_beta=tc.kl_beta, sigma_max=sigma_max,
+                            check_finite=False)  # old log-probs and A were checked once per step
+                        self._check_loss(step, loss, st, ids, t)
+                        (loss * (b / pairs)).backward()
+                        ratio = st["ratio"].detach()
+                        sums["loss"] += float(loss.detach()) * b
+                        sums["ratio"] += float(ratio.sum())
+                        sums["clipped"] += float(st["clipped"].float().sum())
+                        sums["approx_kl"] += float(st["approx_kl"].sum())
+                        sums["kl"] += float(st["kl"].sum())
+                        ratio_dev_max = max(ratio_dev_max, float((ratio - 1).abs().max()))
+                        pairs_done += b
+                        self.progress.advance("update", b)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                if not bool(torch.isfinite(grad_norm)):
+                    raise NonFiniteError(
+                        f"step {step}: the gradient norm is {float(grad_norm)} (update {len(grad_norms) + 1}); "
+                        f"the loss was finite, so the transformer's backward overflowed (try float32 weights "
+                        f"or a smaller learning rate)")
+                grad_norms.append(float(grad_norm))
+                self.optimizer.step()
+                self._updated_this_step = True
+                self.optimizer_steps += 1
+                if self.ema is not None and self.optimizer_steps % tc.ema.update_every == 0:
+                    self.ema.step(self.trainable)
+        self.optimizer.zero_grad(set_to_none=True)
+        if pairs_done == 0:
+            raise TrainingError(f"step {step}: no (sample, step) pair to train: every selected step was "
+                                f"excluded (check sample.sde and train.timesteps)")
+        out = {key: value / pairs_done for key, value in sums.items()}
+        out["ratio_mean"] = out.pop("ratio")
+        out["clip_frac"] = out.pop("clipped")
+        out["ratio_dev_max"] = ratio_dev_max
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["optimizer_steps"] = self.optimizer_steps
+        out["trained_pairs"] = pairs_done // tc.inner_epochs
+        return out
+
+    def _check_loss(self, step: int, loss: torch.Tensor, stats: dict[str, torch.Tensor], ids: torch.Tensor,
+                    t: torch.Tensor) -> None:
+        for name, value in (("log_prob", stats["log_prob"]), ("ratio", stats["ratio"]), ("kl", stats["kl"])):
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise NonFiniteError(f"step {step}: training {name} is {float(value[i])} at timestep index "
+                                     f"t={int(t[i])} for sample {int(ids[i])} (the recomputed velocity went "
+                                     f"non-finite)")
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteError(f"step {step}: the loss is {float(loss)} at timestep indices {t.tolist()} "
+                                 f"(samples {ids.tolist()})")
+
+    # ============================================================================================
+    # evaluation
+    # ============================================================================================
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights swapped in for the duration (the training weights restored exactly after)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Held-out prompts, EMA weights, ODE sampling from a fixed seed; logs eval/… and writes clips."""
+        cfg = self.cfg
+        if not cfg.eval.enabled:
+            return {}
+        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
+        guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
+        num_steps = self.eval_sigmas.numel() - 1
+        # fork_rng: whatever evaluation draws never moves the training RNG streams
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.ema_weights():
+            gen = torch.Generator(device=self.device).manual_seed(cfg.eval.seed)
+            noise = torch.randn((len(prompts), *self.latent_shape), generator=gen, device=self.device).to(
+                self.latent_dtype)
+            cond = self.backbone.encode_prompts(prompts)
+            uncond = None
+            if guidance != 1.0:
+                uncond = self.backbone.encode_prompts([cfg.sample.negative_prompt] *
+                                                      min(cfg.sample.batch_size, len(prompts)))
+            out = sample_trajectories(
+                self.backbone, cond, sigmas=self.eval_sigmas, sde_mask=torch.zeros(num_steps, dtype=torch.bool),
+                init_noise=noise, prompts=prompts, batch_size=cfg.sample.batch_size, dynamics="ode",
+                noise_level=cfg.sample.noise_level, generator=None, guidance_scale=guidance, uncond=uncond,
+                autocast=self._autocast, step=step, score_fn=self._score, reward_executor=None,
+                keep_frames=cfg.eval.max_clips if cfg.eval.save_clips else 0)
+        record = {f"eval/reward/{name}": float(out.rewards[:, k].mean()) for k, name in enumerate(self.reward_names)}
+        w = torch.tensor(self.reward_weights, dtype=torch.float32)
+        record["eval/reward/total"] = float((out.rewards * w).sum(1).mean())
+        self.metrics.log(step, record)
+        for i, frames in enumerate(out.frames):
+            report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
+        return record
+
+    # ============================================================================================
+    # reports
+    # ============================================================================================
+
+    def write_plots(self, step: int) -> None:
+        records = report.read_metrics(self.metrics.path)
+        report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png")
+        report.plot_training(records, self.report_dir / "training.png")
+        if self.last_credit_info is not None:
+            from otca_fast.credit import plot_credit
+
+            plot_credit(self.last_credit_info, self.report_dir / f"credit_step_{step:06d}.png",
+                        objective_names=self.reward_names, title=f"credit at step {step} ({self.cfg.credit.scheme})")
+
+    def _banner(self) -> str:
+        c = self.cfg
+        n_params = sum(p.numel() for p in self.trainable)
+        return (f"otca_fast: {c.model.family} on {self.device} | {c.train.finetune} ({n_params:,} trainable) | "
+                f"credit {c.credit.scheme} | rewards {', '.join(self.reward_names)} | "
+                f"{c.sample.prompts_per_step}x{c.sample.group_size} samples/step, {c.sample.num_steps} steps | "
+                f"output {self.output_dir}" + (f" | resumed at step {self.step}" if self.step else ""))
+
+    def _summary_line(self, record: dict[str, Any]) -> str:
+        parts = [f"{name}={record[f'reward/{name}']:.4g}" for name in self.reward_names]
+        parts += [f"loss={record['loss']:.3g}", f"kl={record['kl']:.2g}", f"clip={record['clip_frac']:.2f}",
+                  f"{record['samples_per_s']:.2f} samples/s"]
+        return " ".join(parts)
+
+    # ============================================================================================
+    # checkpoints
+    # ============================================================================================
+
+    def _state_for_checkpoint(self) -> dict[str, Any]:
+        """Everything besides the weights and optimizer moments that the next step depends on."""
+        state = {"rng": ckpt.capture_rng_state(self.generators), "sampler": self.sampler.state_dict(),
+                 "optimizer_steps": self.optimizer_steps, "step": self.step}
+        if self.ema is not None:
+            ema_state = self.ema.state_dict()
+            ema_state.pop("shadow_params")
+            state["ema"] = ema_state
+        return state
+
+    def _write_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
+        ema = None
+        if self.ema is not None:
+            ema = dict(zip(self.named_trainable, self.ema.shadow_params))
+        return ckpt.save_checkpoint(self.output_dir, step, weights=dict(self.named_trainable),
+                                    optimizer=self.optimizer.state_dict(), state=state, ema=ema,
+                                    config_yaml=self.cfg.to_yaml(), keep_last=self.cfg.train.keep_checkpoints)
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current state (after ``self.step`` steps)."""
+        return self._write_checkpoint(self.step, self._state_for_checkpoint())
+
+    def _load_checkpoint(self, path: Path) -> None:
+        c = ckpt.load_checkpoint(path, map_location="cpu")
+        missing = sorted(set(self.named_trainable) - set(c["weights"]))
+        extra = sorted(set(c["weights"]) - set(self.named_trainable))
+        if missing or extra:
+            raise ConfigError(f"checkpoint {path}: its weights do not match this config's trainable parameters "
+                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                              f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the config that wrote it")
+        with torch.no_grad():
+            for name, p in self.named_trainable.items():
+                p.copy_(c["weights"][name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(c["optimizer"])
+        state = c["state"]
+        if self.ema is not None:
+            if c["ema"] is None or "ema" not in state:
+                raise ConfigError(f"checkpoint {path} has no EMA weights but train.ema.enabled is true")
+            ema_state = dict(state["ema"])
+            ema_state["shadow_params"] = [c["ema"][n].to(p.device, p.dtype) for n, p in self.named_trainable.items()]
+            self.ema.load_state_dict(ema_state)
+        self.sampler.load_state_dict(state["sampler"])
+        ckpt.restore_rng_state(state["rng"], self.generators)
+        self.step = int(state["step"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self._warn_config_changes(c["config_yaml"])
+        self.console.print(f"resumed from {path} (step {self.step})", highlight=False)
+
+    def _warn_config_changes(self, saved_yaml: str | None) -> None:
+        import yaml
+
+        if saved_yaml is None:
+            return
+        saved = yaml.safe_load(saved_yaml)
+        now = yaml.safe_load(self.cfg.to_yaml())
+        benign = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints"}
+
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in d.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    out.update(flat(v, key + "."))
+                else:
+                    out[key] = v
+            return out
+
+        a, b = flat(saved), flat(now)
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in benign
+                         and not k.startswith(("run.", "eval.")))
+        if changed:
+            self.console.print(f"[yellow]warning:[/] resuming with a config that differs from the checkpoint's in "
+                               f"{changed}; the run will not match an uninterrupted one", highlight=False)
+
+    # ============================================================================================
+    # teardown
+    # ============================================================================================
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.metrics is not None:
+            self.metrics.close()
+        for buf in (getattr(self, "buffer", None), getattr(self, "x0_buffer", None)):
+            if buf is not None:
+                buf.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

@@ -1,0 +1,335 @@
+"""The trainer end to end on a 2-core CPU: the CLI, resume equivalence, failures, LoRA and full fine-tuning.
+
+Every run uses configs/tiny_video.yaml with small overrides (few steps, few samples) so the whole
+file stays within its share of the CI budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from otca_fast import checkpoint as ckpt
+from otca_fast.config import load_config
+from otca_fast.rewards import build_reward
+from otca_fast.train import main
+from otca_fast.trainer import TIMING_KEYS, Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_video.yaml"
+
+
+# a one-block version of the tiny config's transformer (random weights) on 3x16x16 clips: the loop is
+# the same, the forwards are about 30x cheaper
+FAST_MODEL = {"transformer": {"num_layers": 1, "ffn_dim": 64}}
+
+
+def small(out: Path, **extra) -> list[str]:
+    """--set overrides that make the tiny config cheap: 2 prompts x 2 samples, 4 denoising steps."""
+    sets = {"run.output_dir": str(out), "run.progress": "none", "run.plot_every": 0, "model.tiny": FAST_MODEL,
+            "sample.height": 16, "sample.width": 16, "sample.num_frames": 3, "sample.num_steps": 4,
+            "sample.group_size": 2, "sample.prompts_per_step": 2, "sample.batch_size": 4,
+            "train.max_steps": 2, "train.checkpoint_every": 1, "eval.every": 0, "eval.max_clips": 1,
+            # two held-out prompts (the default config evaluates all 48 held-out combinations)
+            "data.eval_prompt_file": None,
+            "data.eval_prompts": ["a blue circle moving up on a white background",
+                                  "a green circle moving left on a checkered background"]}
+    sets.update(extra)
+    out_list = []
+    for key, value in sets.items():
+        out_list += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return out_list
+
+
+def cfg_of(out: Path, **extra):
+    args = small(out, **extra)
+    return load_config(TINY, [args[i + 1] for i in range(0, len(args), 2)])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(out: Path) -> list[dict]:
+    return [r for r in records(out) if "loss" in r]
+
+
+def weights_of(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step_{step:08d}" / "weights.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the CLI end to end (a real subprocess: `python -m otca_fast.train`)
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_runs_the_tiny_config_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "otca_fast.train", str(TINY),
+                           *small(out, **{"run.progress": "plain", "eval.every": 2, "run.plot_every": 2,
+                                          "train.checkpoint_every": 1, "train.keep_checkpoints": 1})],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(TINY)
+    names = [r.name for r in cfg.rewards]
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        for key in ["loss", "kl", "approx_kl", "clip_frac", "grad_norm", "ratio_mean", "zero_std_ratio",
+                    "samples_per_s", "peak_memory_gb", "credit/adv_abs_mean", "credit/early_share",
+                    *[f"reward/{n}" for n in names], *[f"credit/c/{n}" for n in names]]:
+            assert isinstance(r[key], float), key
+        # rollout and training share one log-prob computation and one batch composition, and there is
+        # one optimizer update per rollout batch: every ratio is exactly 1 (Flow-GRPO's debug check)
+        assert r["ratio_mean"] == 1.0 and r["ratio_dev_max"] == 0.0 and r["clip_frac"] == 0.0
+        assert r["grad_norm"] > 0
+    evals = [r for r in records(out) if "eval/reward/total" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    # outputs: TensorBoard, plots, credit heatmaps, clips at the start and at each evaluation, checkpoints
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    report = out / "report"
+    for png in ("rewards.png", "training.png", "credit_step_000002.png"):
+        assert (report / png).stat().st_size > 1000, png
+    for step in (0, 2):
+        assert (report / "clips" / f"step_{step:06d}_00.gif").is_file()
+        assert (report / "clips" / f"step_{step:06d}_00.mp4").is_file()
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]  # keep_checkpoints: 1
+    assert (out / "config.yaml").is_file()
+    # progress lines with ETA and the final summary table
+    assert "step 2/2" in proc.stderr and "eta" in proc.stderr
+    assert "run summary" in proc.stderr and f"reward/{names[0]}" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# resume equivalence
+# ------------------------------------------------------------------------------------------------
+
+def _comparable(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+
+
+def test_resume_after_an_interruption_is_bitwise_identical(tmp_path, monkeypatch, capsys):
+    extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "eval.every": 2, "train.ema.update_every": 1}
+    full = tmp_path / "full"
+    assert main([str(TINY), *small(full, **extra)]) == 0
+
+    # the same run, interrupted (Ctrl-C) in the middle of step 3's update, after step 2's checkpoint
+    part = tmp_path / "part"
+    real_update = Trainer.update
+
+    def interrupted(self, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_update(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "update", interrupted)
+    assert main([str(TINY), *small(part, **extra)]) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "update", real_update)
+    assert [s for s, _ in ckpt.list_checkpoints(part)] == [2]
+    # without --resume an existing run is never overwritten
+    assert main([str(TINY), *small(part, **extra)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([str(TINY), *small(part, **extra), "--resume"]) == 0
+
+    a, b = ckpt.load_checkpoint(full / "checkpoints" / "step_00000004"), ckpt.load_checkpoint(
+        part / "checkpoints" / "step_00000004")
+    assert_same_state(a, b)
+    assert _comparable(records(full)) == _comparable(records(part))
+    # the weights did move: the comparison is not between two untouched models
+    first = weights_of(full, 2)
+    assert any(not torch.equal(first[n], a["weights"][n]) for n in first)
+
+
+def test_resume_needs_a_checkpoint_and_overwrite_starts_over(tmp_path, capsys):
+    assert main([str(TINY), *small(tmp_path / "empty"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    out = tmp_path / "old"
+    ckpt.save_checkpoint(out, 5, weights={"w": torch.zeros(1)}, optimizer={}, state={})
+    (out / "metrics.jsonl").write_text('{"step": 5}\n')
+    assert main([str(TINY), *small(out), "--resume", "--overwrite"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main([str(TINY), *small(out, **{"train.max_steps": 1, "eval.enabled": False}), "--overwrite"]) == 0
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
+    assert [r["step"] for r in records(out)] == [1]
+
+
+# ------------------------------------------------------------------------------------------------
+# failures: a NaN reward, a non-finite loss
+# ------------------------------------------------------------------------------------------------
+
+class FlakyBrightness:
+    """A user-defined reward (dotted path): brightness, but NaN from call ``fail_at`` on."""
+
+    def __init__(self, fail_at: int = 10**9):
+        self.fn = build_reward("brightness").fn
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def __call__(self, frames, prompts):
+        self.calls += 1
+        scores = self.fn(frames, prompts)
+        return torch.full_like(torch.as_tensor(scores), float("nan")) if self.calls >= self.fail_at else scores
+
+
+def test_nan_reward_checkpoints_the_last_good_state_and_names_reward_prompt_step(tmp_path, capsys):
+    out = tmp_path / "nan"
+    # calls: eval at step 0 (1), step 1 (1 chunk of 4), then the first chunk of step 2 fails
+    flaky = f"{__name__}:FlakyBrightness"
+    extra = {"rewards": [{"name": flaky, "weight": 1.0, "options": {"fail_at": 3, "role": "quality",
+                                                                     "cheap": True}}],
+             "train.checkpoint_every": 100, "train.max_steps": 3}
+    assert main([str(TINY), *small(out, **extra)]) == 1
+    err = capsys.readouterr().err
+    assert f"reward '{flaky}' failed at step 2 on prompt" in err and "non-finite" in err
+    assert "the last good state (step 1) is checkpointed" in err
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]
+    assert [r["step"] for r in train_records(out)] == [1]
+
+    # that checkpoint is exactly the state after step 1 of a run that never failed: the same weights,
+    # optimizer moments, EMA, prompt sampler and every RNG (captured before step 2 drew anything)
+    healthy = tmp_path / "healthy"
+    ok = {**extra, "rewards": [{"name": flaky, "weight": 1.0, "options": {"role": "quality", "cheap": True}}],
+          "train.max_steps": 1}
+    assert main([str(TINY), *small(healthy, **ok)]) == 0
+    a = ckpt.load_checkpoint(healthy / "checkpoints" / "step_00000001")
+    b = ckpt.load_checkpoint(out / "checkpoints" / "step_00000001")
+    assert_same_state(a, b)
+
+
+def assert_same_state(a, b) -> None:
+    """Two checkpoints hold bit-identical weights, EMA, optimizer state, RNG and sampler state."""
+    for key in ("weights", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}[{name}]"
+    for pid, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][pid][k]), f"optimizer state {pid}.{k}"
+    ra, rb = a["state"]["rng"], b["state"]["rng"]
+    assert torch.equal(ra["torch_cpu"], rb["torch_cpu"]) and ra["python"] == rb["python"]
+    assert torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"]) and ra["numpy"]["pos"] == rb["numpy"]["pos"]
+    assert ra["generators"].keys() == rb["generators"].keys()
+    for name in ra["generators"]:
+        assert torch.equal(ra["generators"][name], rb["generators"][name]), f"generator {name}"
+    sa, sb = a["state"]["sampler"], b["state"]["sampler"]
+    assert (sa["epoch"], sa["pos"]) == (sb["epoch"], sb["pos"]) and torch.equal(sa["order"], sb["order"])
+    assert a["state"]["optimizer_steps"] == b["state"]["optimizer_steps"]
+
+
+def test_non_finite_training_log_prob_names_step_timestep_and_tensor(tmp_path, monkeypatch):
+    cfg = cfg_of(tmp_path / "inf")
+    real = Trainer._velocity
+
+    def poisoned(self, x, sigma_rows, cond, uncond, *, transformer=None):
+        v = real(self, x, sigma_rows, cond, uncond, transformer=transformer)
+        return v if not torch.is_grad_enabled() else v * float("inf")  # only the training forward
+
+    monkeypatch.setattr(Trainer, "_velocity", poisoned)
+    with Trainer(cfg) as trainer, pytest.raises(TrainingError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert re.search(r"step 1: training log_prob is (nan|-?inf) at timestep index t=0 for sample 0", msg), msg
+    assert "last good state (step 0)" in msg
+    assert [s for s, _ in ckpt.list_checkpoints(cfg.run.output_dir)] == [0]
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA and full fine-tuning, KL to the reference
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("finetune, reference", [("lora", "adapter"), ("full", "copy")])
+def test_lora_and_full_finetuning_with_kl(tmp_path, finetune, reference):
+    # gradient checkpointing on: the (non-reentrant) recomputation must still reach the LoRA weights
+    cfg = cfg_of(tmp_path / finetune, **{"train.finetune": finetune, "train.kl_beta": 0.1,
+                                         "train.kl_reference": reference, "train.max_steps": 2,
+                                         "train.gradient_checkpointing": True, "eval.enabled": False})
+    with Trainer(cfg) as trainer:
+        names = set(trainer.named_trainable)
+        base = {n: p.detach().clone() for n, p in trainer.transformer.named_parameters()}
+        recs = trainer.train()
+        after = dict(trainer.transformer.named_parameters())
+        changed = {n for n in base if not torch.equal(base[n], after[n].detach())}
+    if finetune == "lora":
+        assert names and all("lora_" in n for n in names)
+        assert changed and changed <= names  # only adapter weights move; the base model is frozen
+    else:
+        assert names == set(base)
+        assert len(changed) > len(names) // 2
+    # step 1: the policy equals the reference (LoRA B = 0 / an exact copy): KL is exactly 0;
+    # step 2: one update later it is positive
+    assert recs[0]["kl"] == 0.0 and recs[1]["kl"] > 0.0
+    assert all(r["grad_norm"] > 0 for r in recs)
+    saved = weights_of(cfg.run.output_dir, 2)
+    assert set(saved) == names
+
+
+# ------------------------------------------------------------------------------------------------
+# schemes and timestep selection
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, pairs", [
+    ({"train.timesteps.mode": "credit", "train.timesteps.fraction": 0.5}, 4 * 2),     # ceil(0.5·3) = 2
+    ({"train.timesteps.mode": "fraction", "train.timesteps.fraction": 0.7}, 4 * 2),   # int(0.7·3) = 2
+    ({"train.timesteps.mode": "window", "train.timesteps.window_start": 1,
+      "train.timesteps.window_size": 2}, 4 * 2),
+    ({"credit.scheme": "window", "credit.window_size": 2, "credit.window_range": [0, 4],
+      "credit.window_schedule": "fixed"}, 4 * 2),
+    ({"credit.scheme": "dance", "credit.dance_fraction": 0.5}, None),
+    ({"credit.scheme": "otca_timing", "credit.timing_every": 2}, 4 * 3),
+    ({"credit.scheme": "uniform", "sample.sde.mode": "fraction", "sample.sde.fraction": 0.5}, 4 * 2),
+])
+def test_schemes_and_trained_timesteps(tmp_path, extra, pairs):
+    cfg = cfg_of(tmp_path / "s", **{"train.max_steps": 1, "eval.enabled": False, **extra})
+    with Trainer(cfg) as trainer:
+        (rec,) = trainer.train()
+    assert rec["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    if pairs is not None:
+        assert rec["trained_pairs"] == pairs
+    else:  # dance: int(4 * 0.5) = 2 random steps per sample, minus the last step when drawn
+        assert 4 * 1 <= rec["trained_pairs"] <= 4 * 2
+    assert torch.isfinite(torch.tensor(rec["loss"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# every backbone adapter: one rollout + one train step
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_REWARDS = [{"name": "brightness", "weight": 1.0, "options": {}},
+                 {"name": "saturation", "weight": 1.0, "options": {}}]
+
+
+@pytest.mark.parametrize("family, size", [
+    ("wan2.1", {"sample.num_frames": 5}), ("wan2.2", {"sample.num_frames": 5}),
+    ("sd3", {"sample.num_frames": 1, "rewards": IMAGE_REWARDS}),
+    ("flux", {"sample.num_frames": 1, "rewards": IMAGE_REWARDS})])
+def test_each_backbone_builds_tiny_and_trains_one_step(tmp_path, family, size):
+    cfg = cfg_of(tmp_path / family, **{"model.family": family, "model.tiny": True, "sample.height": 16,
+                                       "sample.width": 16, "train.max_steps": 1, "eval.every": 1, **size})
+    with Trainer(cfg) as trainer:
+        (rec,) = trainer.train()
+    assert rec["ratio_mean"] == 1.0 and rec["grad_norm"] > 0
+    clips = sorted(p.suffix for p in (Path(cfg.run.output_dir) / "report" / "clips").iterdir())
+    assert clips == ([".png"] * 2 if size["sample.num_frames"] == 1 else [".gif", ".gif", ".mp4", ".mp4"])
+
+
+def test_cfg_shared_noise_and_several_updates_per_step(tmp_path):
+    cfg = cfg_of(tmp_path / "cfg", **{"sample.guidance_scale": 3.0, "sample.same_noise": True,
+                                      "train.updates_per_step": 2, "train.inner_epochs": 2,
+                                      "sample.batch_size": 2, "train.max_steps": 1, "eval.enabled": False})
+    with Trainer(cfg) as trainer:
+        noise = trainer._initial_noise(2, torch.Generator().manual_seed(0))
+        (rec,) = trainer.train()
+    # DanceGRPO's init_same_noise: the G samples of a group start from one x_T
+    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[1], noise[2])
+    assert rec["optimizer_steps"] == 4 and rec["trained_pairs"] == 4 * 3
+    # the first update's pairs are on-policy; the rest see weights that one update already moved
+    assert rec["ratio_dev_max"] > 0.0 and torch.isfinite(torch.tensor(rec["loss"]))
