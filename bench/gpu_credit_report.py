@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from otca_fast import credit, reference  # noqa: E402
 from otca_fast.kernels import trajectory_credit as kernel  # noqa: E402
+from otca_fast.ops import forced_backend as backend
 
 N, T, K, GROUP = 64, 20, 3, 4
 IMAGE_LATENT = (16, 64, 64)
@@ -38,17 +37,6 @@ WAN_480P = (16, 21, 60, 104)
 WAN_N = 8
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("OTCA_FAST_BACKEND")
-    os.environ["OTCA_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OTCA_FAST_BACKEND"]
-        else:
-            os.environ["OTCA_FAST_BACKEND"] = old
 
 
 def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:

@@ -17,10 +17,11 @@ can be dropped into any GRPO codebase.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -28,7 +29,7 @@ from otca_fast import reference
 
 __all__ = [
     "sde_step", "sde_step_logprob", "group_advantages", "credit_advantages", "grpo_step_loss",
-    "backend_for", "DYNAMICS",
+    "backend_for", "forced_backend", "DYNAMICS",
 ]
 
 DYNAMICS = reference.DYNAMICS
@@ -72,6 +73,22 @@ def backend_for(*tensors: torch.Tensor) -> str:
     if _triton_available() and (on_cuda or _interpreting()):
         return "triton"
     return "reference"
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run the ops on one backend inside a ``with`` block (sets ``OTCA_FAST_BACKEND``, then restores it)."""
+    if name not in ("triton", "reference", "auto"):
+        raise ValueError(f"name: expected 'triton', 'reference' or 'auto', got {name!r}")
+    old = os.environ.get("OTCA_FAST_BACKEND")
+    os.environ["OTCA_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OTCA_FAST_BACKEND", None)
+        else:
+            os.environ["OTCA_FAST_BACKEND"] = old
 
 
 def _kernels():

@@ -1,8 +1,6 @@
 """build_advantages: every scheme by hand or against its source's formula, properties, errors, the plot."""
 
-import contextlib
 import math
-import os
 import types
 
 import numpy as np
@@ -24,21 +22,11 @@ from otca_fast.credit import (
     trajectory_credit,
     window_steps,
 )
+from otca_fast.ops import forced_backend as backend
 
 SETTINGS = settings(max_examples=12, derandomize=True, deadline=None)
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("OTCA_FAST_BACKEND")
-    os.environ["OTCA_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OTCA_FAST_BACKEND"]
-        else:
-            os.environ["OTCA_FAST_BACKEND"] = old
 
 
 def batch(groups=3, size=4, k=3, steps=5, state=(2, 3, 4), seed=0, rewards=None):

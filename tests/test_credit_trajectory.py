@@ -1,8 +1,6 @@
 """TCD: the cosine kernel against its float64 reference, hand-computed credit, properties and errors."""
 
-import contextlib
 import math
-import os
 
 import pytest
 import torch
@@ -12,22 +10,11 @@ from hypothesis import strategies as st
 from otca_fast import credit, reference
 from otca_fast.credit import coca_suffix_credit, state_cosines, tcd_weights, trajectory_credit
 from otca_fast.kernels import trajectory_credit as kernel
+from otca_fast.ops import forced_backend as backend
 
 SETTINGS = settings(max_examples=25, derandomize=True, deadline=None)
 
 
-@contextlib.contextmanager
-def backend(name: str):
-    """Force ``otca_fast.ops.backend_for`` (hypothesis cannot use the function-scoped monkeypatch)."""
-    old = os.environ.get("OTCA_FAST_BACKEND")
-    os.environ["OTCA_FAST_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OTCA_FAST_BACKEND"]
-        else:
-            os.environ["OTCA_FAST_BACKEND"] = old
 
 
 def random_trajectory(n=3, steps=4, state=(3, 5, 2, 7), dtype=torch.float64, seed=0):

@@ -270,6 +270,13 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("OTCA_FAST_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="OTCA_FAST_BACKEND"):
         ops.backend_for(t)
+    monkeypatch.delenv("OTCA_FAST_BACKEND")
+    with ops.forced_backend("reference"):
+        assert ops.backend_for(t) == "reference"
+    assert "OTCA_FAST_BACKEND" not in __import__("os").environ
+    with pytest.raises(ValueError, match="name: expected 'triton', 'reference' or 'auto'"):
+        with ops.forced_backend("gpu"):
+            pass
     monkeypatch.setenv("OTCA_FAST_BACKEND", "")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ops.backend_for(t) == ("triton" if t.is_cuda else "reference")
