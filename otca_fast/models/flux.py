@@ -21,14 +21,13 @@ import torch
 from otca_fast.models.base import (
     ImageBackbone,
     PromptEmbeds,
-    as_dtype,
     cast_like_pretrained,
-    check_build_source,
-    merge_tiny,
     module_dtype,
     set_attention_backend,
 )
-from otca_fast.models.loading import from_pretrained_kwargs, pipeline_dtype_kwargs, resolve_checkpoint
+from otca_fast.models.loading import (
+    load_image_pipeline,
+)
 from otca_fast.models.text import byte_tokenizer, tiny_clip, tiny_t5
 
 __all__ = ["FluxBackbone", "build_flux", "TINY_FLUX"]
@@ -194,21 +193,9 @@ def build_flux(*, path: str | None = None, tiny: dict | bool | None = None, allo
                max_sequence_length: int | None = None, **options: Any) -> FluxBackbone:
     """FLUX.1. Options: ``embedded_guidance`` (FLUX.1-dev's distilled guidance, 3.5), ``max_sequence_length``
     (T5 tokens, 512), ``vae_dtype`` (float32), ``decode_batch_size`` (8), ``cache_device``."""
-    check_build_source("flux", path, tiny)
-    vae_dtype = as_dtype("vae_dtype", vae_dtype)
-    device = torch.device(device)
-    if tiny not in (None, False):
-        spec = merge_tiny(TINY_FLUX, tiny, family="flux")
-        pipe = _tiny_pipe(spec, dtype=dtype, vae_dtype=vae_dtype)
-        max_len = spec["max_sequence_length"] if max_sequence_length is None else max_sequence_length
-    else:
-        from diffusers import AutoencoderKL, FluxPipeline
-
-        src, _ = resolve_checkpoint(path, "flux", allow_download=allow_download)
-        kw = from_pretrained_kwargs(allow_download=allow_download)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
-        pipe = FluxPipeline.from_pretrained(src, vae=vae, **pipeline_dtype_kwargs(dtype), **kw)
-        max_len = 512 if max_sequence_length is None else max_sequence_length  # the pipeline's default
-    pipe.to(device)
+    pipe, max_len, device = load_image_pipeline(
+        "flux", "FluxPipeline", path=path, tiny=tiny, allow_download=allow_download, dtype=dtype, vae_dtype=vae_dtype,
+        device=device, tiny_defaults=TINY_FLUX, tiny_pipe=_tiny_pipe, default_max_sequence_length=512,
+        max_sequence_length=max_sequence_length)
     return FluxBackbone(pipe, device=device, dtype=dtype, max_sequence_length=max_len, allow_download=allow_download,
                         attention_backend=attention_backend, **options)

@@ -9,9 +9,12 @@ command that fetches the checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 __all__ = ["CheckpointLayout", "LAYOUTS", "layout_for", "check_checkpoint_dir", "resolve_checkpoint",
            "from_pretrained_kwargs", "pipeline_dtype_kwargs"]
@@ -212,3 +215,33 @@ def pipeline_dtype_kwargs(dtype: Any) -> dict[str, Any]:
     except ImportError:
         return {"torch_dtype": dtype}
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def load_image_pipeline(family: str, pipeline_class: str, *, path: str | None, tiny: dict | bool | None,
+                        allow_download: bool, dtype: torch.dtype, vae_dtype: torch.dtype | str,
+                        device: str | torch.device, tiny_defaults: dict[str, Any], tiny_pipe: Callable[..., Any],
+                        default_max_sequence_length: int, max_sequence_length: int | None):
+    """The shared build of the SD3 and FLUX adapters: a tiny pipeline from config, or the checkpoint's.
+
+    Returns ``(pipe on device, max_sequence_length, device)``. The VAE is loaded in
+    ``vae_dtype`` (float32 by default: decoding in bf16 visibly bands), the rest in ``dtype``.
+    """
+    from otca_fast.models.base import as_dtype, check_build_source, merge_tiny
+
+    check_build_source(family, path, tiny)
+    vae_dtype = as_dtype("vae_dtype", vae_dtype)
+    device = torch.device(device)
+    if tiny not in (None, False):
+        spec = merge_tiny(tiny_defaults, tiny, family=family)
+        pipe = tiny_pipe(spec, dtype=dtype, vae_dtype=vae_dtype)
+        max_len = spec["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+    else:
+        import diffusers
+
+        src, _ = resolve_checkpoint(path, family, allow_download=allow_download)
+        kw = from_pretrained_kwargs(allow_download=allow_download)
+        vae = diffusers.AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(src, vae=vae, **pipeline_dtype_kwargs(dtype), **kw)
+        max_len = default_max_sequence_length if max_sequence_length is None else max_sequence_length
+    pipe.to(device)
+    return pipe, max_len, device

@@ -20,14 +20,13 @@ import torch
 from otca_fast.models.base import (
     ImageBackbone,
     PromptEmbeds,
-    as_dtype,
     cast_like_pretrained,
-    check_build_source,
-    merge_tiny,
     module_dtype,
     set_attention_backend,
 )
-from otca_fast.models.loading import from_pretrained_kwargs, pipeline_dtype_kwargs, resolve_checkpoint
+from otca_fast.models.loading import (
+    load_image_pipeline,
+)
 from otca_fast.models.text import byte_tokenizer, tiny_clip, tiny_t5
 
 __all__ = ["SD3Backbone", "SD3DispatchAttnProcessor", "build_sd3", "TINY_SD3", "TINY_SD35_TRANSFORMER"]
@@ -241,21 +240,9 @@ def build_sd3(*, path: str | None = None, tiny: dict | bool | None = None, allow
     """SD3 / SD3.5. Options: ``shift`` (default: the checkpoint's, 3.0), ``max_sequence_length`` (T5 tokens,
     256), ``vae_dtype`` (float32), ``decode_batch_size`` (8), ``cache_device`` (the backbone's device).
     ``tiny={"transformer": TINY_SD35_TRANSFORMER}`` builds an SD3.5-style transformer."""
-    check_build_source("sd3", path, tiny)
-    vae_dtype = as_dtype("vae_dtype", vae_dtype)
-    device = torch.device(device)
-    if tiny not in (None, False):
-        spec = merge_tiny(TINY_SD3, tiny, family="sd3")
-        pipe = _tiny_pipe(spec, dtype=dtype, vae_dtype=vae_dtype)
-        max_len = spec["max_sequence_length"] if max_sequence_length is None else max_sequence_length
-    else:
-        from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-
-        src, _ = resolve_checkpoint(path, "sd3", allow_download=allow_download)
-        kw = from_pretrained_kwargs(allow_download=allow_download)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
-        pipe = StableDiffusion3Pipeline.from_pretrained(src, vae=vae, **pipeline_dtype_kwargs(dtype), **kw)
-        max_len = 256 if max_sequence_length is None else max_sequence_length  # the pipeline's default
-    pipe.to(device)
+    pipe, max_len, device = load_image_pipeline(
+        "sd3", "StableDiffusion3Pipeline", path=path, tiny=tiny, allow_download=allow_download, dtype=dtype,
+        vae_dtype=vae_dtype, device=device, tiny_defaults=TINY_SD3, tiny_pipe=_tiny_pipe,
+        default_max_sequence_length=256, max_sequence_length=max_sequence_length)
     return SD3Backbone(pipe, device=device, dtype=dtype, max_sequence_length=max_len, allow_download=allow_download,
                        attention_backend=attention_backend, **options)
