@@ -13,6 +13,17 @@ The directory is written under a temporary name and renamed into place (``os.rep
 directory is atomic on POSIX), so a crash mid-write never leaves a checkpoint that looks complete;
 ``latest_checkpoint`` ignores the temporaries. ``.pt`` files are read with
 ``torch.load(weights_only=True)``: they hold only tensors and plain Python containers.
+
+A run on several ranks (torchrun) writes the *sharded* layout instead (``otca_fast.distributed``):
+
+* ``dcp/``        — a ``torch.distributed.checkpoint`` directory (every rank writes its shards) holding
+  ``model`` (the trainable weights by name), ``optim`` (the optimizer state keyed by parameter
+  name, when the optimizer has stepped) and ``ema``;
+* ``state.pt`` and ``config.yaml`` as above, written by rank 0.
+
+Both layouts load on any number of ranks; :func:`load_checkpoint` reads either into full tensors
+(the sharded optimizer state comes back in ``optimizer.state_dict()`` form, keyed 0, 1, ... in the
+order of the trainable parameters).
 """
 
 from __future__ import annotations
@@ -29,11 +40,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    "CHECKPOINT_SUBDIR", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-    "capture_rng_state", "restore_rng_state", "Checkpoint",
+    "CHECKPOINT_SUBDIR", "DCP_SUBDIR", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "capture_rng_state", "restore_rng_state", "Checkpoint", "is_sharded", "read_sharded",
 ]
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DCP_SUBDIR = "dcp"  # the sharded layout's torch.distributed.checkpoint directory
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -123,7 +135,8 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state.pt").is_file() and (p / "weights.safetensors").is_file():
+        if m and p.is_dir() and (p / "state.pt").is_file() and (
+                (p / "weights.safetensors").is_file() or is_sharded(p)):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -134,9 +147,63 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint of the sharded (multi-rank, ``dcp/``) layout."""
+    return (Path(path) / DCP_SUBDIR / ".metadata").is_file()
+
+
+def read_sharded(path: str | Path) -> dict[str, Any]:
+    """Everything in a ``torch.distributed.checkpoint`` directory as full CPU tensors, in this process
+    (no process group needed): ``{"model": {...}, "optim": {...}, "ema": {...}}`` as saved."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        return _load_state_dict_from_keys(storage_reader=FileSystemReader(str(path)))
+
+
+def _indexed_optimizer_state(optim: dict[str, Any] | None) -> dict[str, Any]:
+    """A name-keyed optimizer state (torch.distributed.checkpoint.state_dict) in ``state_dict()`` form."""
+    if not optim:
+        return {"state": {}, "param_groups": []}
+    order: list[str] = []
+    groups = []
+    for group in optim["param_groups"]:
+        names = list(group["params"])
+        groups.append({**group, "params": list(range(len(order), len(order) + len(names)))})
+        order += names
+    state = {order.index(name): value for name, value in optim.get("state", {}).items()}
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _load_sharded(p: Path, map_location: str | torch.device) -> Checkpoint:
+    state = torch.load(p / "state.pt", map_location=map_location, weights_only=True)
+    data = read_sharded(p / DCP_SUBDIR)
+
+    def move(tree):
+        if isinstance(tree, torch.Tensor):
+            return tree.to(map_location)
+        if isinstance(tree, dict):
+            return {k: move(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [move(v) for v in tree]
+        return tree
+
+    data = move(data)
+    return Checkpoint(path=p, step=int(state["step"]), weights=dict(data.get("model", {})),
+                      ema=dict(data["ema"]) if data.get("ema") else None,
+                      optimizer=_indexed_optimizer_state(data.get("optim")), state=state,
+                      config_yaml=(p / "config.yaml").read_text() if (p / "config.yaml").is_file() else None)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save_checkpoint`."""
+    """Read a checkpoint directory written by :func:`save_checkpoint` (or a sharded one, see above)."""
     p = Path(path)
+    if is_sharded(p) and (p / "state.pt").is_file():
+        return _load_sharded(p, map_location)
     missing = [n for n in ("weights.safetensors", "optimizer.pt", "state.pt") if not (p / n).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint {p}: expected files weights.safetensors, optimizer.pt and state.pt, "

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
     "TrainConfig", "TimestepConfig", "LoraConfig", "EMAConfig", "OptimizerConfig", "EvalConfig",
+    "DistributedConfig", "FSDPConfig",
     "ConfigError", "load_config", "parse_config", "apply_overrides", "credit_section_model", "CREDIT_SCHEMES",
     "reference_markdown",
 ]
@@ -277,6 +278,42 @@ class EvalConfig(_Section):
     fps: PositiveInt = Field(8, description="frame rate of the written clips")
 
 
+class FSDPConfig(_Section):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) options of ``distributed.strategy: fsdp``."""
+
+    reshard_after_forward: bool = Field(
+        True, description="free the gathered weights of a block after its forward (saves memory; they are "
+                          "gathered again for backward); false keeps them until backward")
+    cpu_offload: bool = Field(
+        False, description="keep the sharded weights, gradients and optimizer state in CPU memory "
+                           "(CPUOffloadPolicy; the optimizer step runs on the CPU)")
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="MixedPrecisionPolicy.param_dtype: dtype of the gathered weights and of the "
+                          "forward/backward compute (null = the weights' own dtype)")
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="MixedPrecisionPolicy.reduce_dtype: dtype of the gradient reduce-scatter "
+                          "(null = param_dtype; float32 keeps the reduction exact over many ranks)")
+
+
+class DistributedConfig(_Section):
+    """Scale-out with torchrun: how the transformer is replicated or sharded over the ranks.
+
+    Read only when the run is launched with more than one process (``torchrun --nproc_per_node N``);
+    a single process ignores it. The global batch per step is always sample.prompts_per_step x
+    sample.group_size samples, split into equal contiguous shares, one per rank.
+    """
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="'ddp': every rank holds the whole transformer, gradients are averaged once per "
+                            "optimizer update; 'fsdp': FSDP2 fully_shard per transformer block (weights, "
+                            "gradients and optimizer state sharded); 'auto' = fsdp for a transformer of at "
+                            "least 1B parameters, or fully fine-tuned with at least 100M, ddp otherwise")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    timeout_s: PositiveFloat = Field(
+        1800.0, description="process-group timeout of every collective (seconds): a rank that stops answering "
+                            "ends the job after this long instead of hanging it")
+
+
 # ------------------------------------------------------------------------------------------------
 # the credit section, generated from otca_fast.credit.CreditConfig
 # ------------------------------------------------------------------------------------------------
@@ -351,6 +388,7 @@ class Config(_Section):
     train: TrainConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("credit", mode="before")
     @classmethod

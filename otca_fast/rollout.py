@@ -28,7 +28,7 @@ import torch
 
 from otca_fast import ops
 
-__all__ = ["NonFiniteError", "RolloutResult", "sample_trajectories", "sde_step_mask", "chunks"]
+__all__ = ["NonFiniteError", "RolloutResult", "sample_trajectories", "sde_step_mask", "chunks", "share_chunks"]
 
 
 class NonFiniteError(RuntimeError):
@@ -40,6 +40,25 @@ def chunks(n: int, size: int) -> list[slice]:
     if size < 1:
         raise ValueError(f"size: expected >= 1, got {size}")
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def share_chunks(total: int, rows: slice, size: int) -> list[tuple[slice, slice | None]]:
+    """One rank's view of the global batch's chunks: ``[(global chunk, local part or None), ...]``.
+
+    The global batch ``[0, total)`` is cut into ``chunks(total, size)``; ``rows`` is the contiguous
+    share of one rank. Each global chunk comes with the rows of it that the share holds, as a slice
+    *relative to the share* (``None`` when it holds none). With ``rows = slice(0, total)`` this is
+    ``chunks(total, size)`` itself. Rollout and training both walk these parts, so a rank forwards the
+    same rows together in both (on-policy ratios stay exactly 1).
+    """
+    start, stop = rows.start or 0, rows.stop
+    if not 0 <= start <= stop <= total:
+        raise ValueError(f"rows: expected a slice within [0, {total}), got {rows}")
+    out = []
+    for g in chunks(total, size):
+        lo, hi = max(g.start, start), min(g.stop, stop)
+        out.append((g, slice(lo - start, hi - start) if lo < hi else None))
+    return out
 
 
 def sde_step_mask(num_steps: int, mode: str, *, fraction: float = 1.0, window_size: int = 1,
@@ -82,14 +101,14 @@ class RolloutResult:
 
 
 def _check_finite_rows(name: str, values: torch.Tensor, *, step: int, t: int, rows: slice,
-                       prompts: Sequence[str]) -> None:
+                       prompts: Sequence[str], offset: int = 0) -> None:
     """``values`` ``[B]`` (one number per row of the chunk ``rows``) must be finite."""
     bad = ~torch.isfinite(values)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         n = rows.start + i
         raise NonFiniteError(f"step {step}: rollout {name} is {float(values[i])} at denoising step t={t} for "
-                             f"sample {n} (prompt {prompts[n]!r}); the velocity or the latent went non-finite "
+                             f"sample {offset + n} (prompt {prompts[n]!r}); the velocity or the latent went non-finite "
                              f"(try float32 weights, a smaller learning rate, or a lower noise_level)")
 
 
@@ -100,7 +119,8 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
                         = contextlib.nullcontext, step: int = 0, score_fn=None,
                         reward_executor: ThreadPoolExecutor | None = None, keep_frames: int = 0,
                         keep_final: bool = False, step_reward_fn: Callable | None = None,
-                        on_progress: Callable[[int], None] | None = None) -> RolloutResult:
+                        on_progress: Callable[[int], None] | None = None, rows: slice | None = None,
+                        total_rows: int | None = None) -> RolloutResult:
     """Sample ``init_noise.shape[0]`` trajectories; see the module docstring for the math.
 
     ``cond``/``uncond`` are PromptEmbeds for all N rows (uncond for one chunk is taken by index).
@@ -111,6 +131,13 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
     whatever per-step scores the caller wants (concatenated over chunks into ``step_rewards``; the
     trainer's otca_timing hook). ``keep_frames`` decoded clips are returned for the report. Runs
     under ``torch.no_grad()``.
+
+    Distributed share: with ``rows`` (and ``total_rows``) the N rows given are the global rows ``rows``
+    of a batch of ``total_rows`` (one rank's contiguous share). The rows are then chunked along the
+    *global* batch's chunks (:func:`share_chunks`) and the SDE noise of every global chunk is drawn from
+    ``generator`` in the single-process order — the chunks of other ranks drawn and discarded — so every
+    sample gets the same noise whatever the number of ranks, and ``generator`` ends in the same state on
+    every rank. Row indices passed to ``buffer``, ``score_fn`` and ``step_reward_fn`` are local (0..N−1).
     """
     n = init_noise.shape[0]
     num_steps = sigmas.shape[0] - 1
@@ -119,6 +146,14 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
     if len(prompts) != n:
         raise ValueError(f"prompts: expected {n} (one per row of init_noise), got {len(prompts)}")
     device = init_noise.device
+    if rows is None:
+        rows, total_rows = slice(0, n), n
+    elif total_rows is None or (rows.stop - (rows.start or 0)) != n:
+        raise ValueError(f"rows / total_rows: expected the share of the {n} rows of init_noise within a batch of "
+                         f"total_rows, got rows={rows}, total_rows={total_rows}")
+    offset = rows.start or 0
+    plan = share_chunks(total_rows, rows, batch_size)
+    latent_shape = tuple(init_noise.shape[1:])
     sig = [float(s) for s in sigmas]
     # Flow-GRPO's σ = 1 rule: the schedule's second sigma stands in for σ in 1 − σ of the noise scale
     sigma_max = sig[1]
@@ -128,7 +163,14 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
     kept_frames: list[torch.Tensor] = []
     step_rewards = [] if step_reward_fn is not None else None
     with torch.no_grad():
-        for rows in chunks(n, batch_size):
+        for g, rows in plan:
+            if rows is None:
+                # another rank's chunk: draw (and drop) its SDE noise, keeping the stream in step
+                for t in range(num_steps):
+                    if bool(sde_mask[t]):
+                        torch.randn((g.stop - g.start, *latent_shape), generator=generator, device=device,
+                                    dtype=torch.float32)
+                continue
             x = init_noise[rows]
             b = x.shape[0]
             c = cond.index(rows)
@@ -148,15 +190,21 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
                     if x0s is not None:
                         x0s.append(x0)
                 if bool(sde_mask[t]):
+                    # the global chunk's noise (as ops.sde_step would draw it), cut to this share's rows
+                    eps = torch.randn((g.stop - g.start, *latent_shape), generator=generator, device=device,
+                                      dtype=torch.float32)
+                    if b != g.stop - g.start:
+                        first = offset + rows.start - g.start
+                        eps = eps[first:first + b]
                     x, lp, _, _ = ops.sde_step(x, v, sig[t], sig[t + 1], dynamics=dynamics, noise_level=noise_level,
-                                               generator=generator, sigma_max=sigma_max)
-                    _check_finite_rows("log_prob", lp, step=step, t=t, rows=rows, prompts=prompts)
+                                               noise=eps, sigma_max=sigma_max)
+                    _check_finite_rows("log_prob", lp, step=step, t=t, rows=rows, prompts=prompts, offset=offset)
                     log_probs[rows, t] = lp.float().cpu()
                 else:
                     x = (x.float() + (sig[t + 1] - sig[t]) * v.float()).to(x.dtype)
                     # one number per row that is non-finite iff the row has a NaN/Inf anywhere
                     _check_finite_rows("latent", x.flatten(1).float().sum(1), step=step, t=t, rows=rows,
-                                       prompts=prompts)
+                                       prompts=prompts, offset=offset)
                 if buffer is not None:
                     buffer.put(t + 1, x, rows)
                 if on_progress is not None:

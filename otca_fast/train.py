@@ -6,6 +6,10 @@ Also installed as the console script ``otca-train``. With no CONFIG it runs the 
 Exit status: 0 on success; 1 when training stops on an error (a failing reward, a non-finite
 loss; the message says where, and a checkpoint of the last good state is written first); 2 for a
 bad command line or config; 130 when interrupted (Ctrl-C; resume from the last checkpoint).
+
+Under ``torchrun --nproc_per_node N -m otca_fast.train CONFIG`` every rank runs this same command
+(``otca_fast.distributed``); rank 0 prints. A failure on one rank stops every rank with exit status 1
+and a message naming the rank and the cause ("rank 1: reward ... failed ...").
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from rich.console import Console
 
-    err = Console(stderr=True)
+    from otca_fast import distributed
+
+    # under torchrun every rank runs this: usage errors are printed once, by rank 0
+    err = Console(stderr=True, quiet=distributed.env_rank() != 0)
     config_path = args.config
     if config_path is None:
         default = default_config_path()
@@ -79,22 +86,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     from otca_fast.trainer import Trainer, TrainingError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, console=err)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        ctx = distributed.setup(cfg.run.device, cfg.distributed.timeout_s)  # a single process: no-op
+    except (ConfigError, ValueError) as e:
         err.print(f"otca-train: {e}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_USAGE
     try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, console=err, dist=ctx)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        err.print(f"otca-train: {e}", highlight=False, markup=False, soft_wrap=True)
+        distributed.shutdown(ctx)
+        return EXIT_USAGE
+    clean = True  # every rank is still in step (the process group can be torn down in order)
+    try:
         trainer.train()
     except TrainingError as e:
-        err.print(f"otca-train: training stopped: {e}", highlight=False, markup=False, soft_wrap=True)
+        # a failure announced to every rank (RankFailure) is printed once, by rank 0; a rank's own
+        # unannounced failure by that rank
+        loud = Console(stderr=True) if not isinstance(e.__cause__, distributed.RankFailure) else err
+        clean = isinstance(e.__cause__, distributed.RankFailure) or not ctx.enabled
+        loud.print(f"otca-train: training stopped: {e}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_TRAINING_ERROR
     except KeyboardInterrupt:
         err.print(f"otca-train: interrupted during step {trainer.step + 1}; the last checkpoint is in "
                   f"{cfg.run.output_dir}/checkpoints (continue with --resume)", highlight=False, markup=False,
                   soft_wrap=True)
+        clean = not ctx.enabled
         return EXIT_INTERRUPTED
+    except Exception as e:
+        if not ctx.enabled:
+            raise
+        # several ranks: this rank's own unexpected failure (left in the rendezvous store for the others),
+        # or its collective broken because another rank failed (named from the store)
+        clean = False
+        if distributed.recorded_failure(ctx) is None:
+            import traceback
+
+            traceback.print_exc()  # this rank's own failure: its traceback too
+        Console(stderr=True).print(f"otca-train: training stopped: {distributed.fatal_message(ctx, e)}",
+                                   highlight=False, markup=False, soft_wrap=True)
+        return EXIT_TRAINING_ERROR
     finally:
         trainer.close()
+        if clean:
+            distributed.shutdown(ctx)
     return EXIT_OK
 
 

@@ -20,6 +20,11 @@ Then metrics (``metrics.jsonl``, TensorBoard), checkpoints (atomic, last N kept)
 held-out prompts (EMA weights, ODE sampling, fixed seed; clips as GIF/MP4), plots under
 ``report/`` and a summary table at the end.
 
+Several ranks (``torchrun``, :mod:`otca_fast.distributed`): each rank samples and trains a contiguous
+share of the N rows; the rewards and the per-sample credit inputs are all-gathered so every rank
+builds the same advantages of the whole batch; the loss is normalised over all ranks' pairs; a
+failure on one rank is announced to all (``_rank_local``); checkpoints are sharded; rank 0 reports.
+
 Loss normalisation: the update u over the rows S_u and the M trained steps per row minimises
 
     L_u = 1/(|S_u|·M) · Σ_{n∈S_u} Σ_m ℓ(n, t_{n,m}),
@@ -45,9 +50,9 @@ from typing import Any
 import torch
 
 from otca_fast import checkpoint as ckpt
-from otca_fast import ops, report
+from otca_fast import distributed, ops, report
 from otca_fast.config import Config, ConfigError
-from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask
+from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask, share_chunks
 
 __all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled"]
 
@@ -168,11 +173,17 @@ def _peak_memory_gb(device: torch.device) -> float:
 class Trainer:
     """Builds everything a run needs from a :class:`Config`, then :meth:`train` runs it."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console=None):
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False, console=None,
+                 dist: distributed.DistContext | None = None):
         from rich.console import Console
 
         self.cfg = cfg
+        # torchrun: this rank's place in the job (a single process: rank 0 of 1); see otca_fast.distributed
+        self._owns_dist = dist is None
+        self.dist = dist if dist is not None else distributed.setup(cfg.run.device, cfg.distributed.timeout_s)
         self.console = console or Console(stderr=True)
+        if not self.dist.is_main:  # the console, progress, metrics and reports are rank 0's
+            self.console = Console(stderr=True, quiet=True)
         self.output_dir = Path(cfg.run.output_dir)
         self.step = 0
         self.optimizer_steps = 0
@@ -181,6 +192,7 @@ class Trainer:
         self.metrics: report.MetricsLog | None = None
         self.progress = report.RunProgress("none", total_steps=cfg.train.max_steps)
         self._updated_this_step = False  # an optimizer step happened since the last step's start
+        self._held_error: BaseException | None = None  # a reward failure held until the rollout's end (ranks)
 
         # --- where the run lives -----------------------------------------------------------------
         latest = ckpt.latest_checkpoint(self.output_dir)
@@ -194,8 +206,10 @@ class Trainer:
                 raise FileExistsError(f"run.output_dir {self.output_dir} already holds a run (latest checkpoint: "
                                       f"{latest.name}); pass --resume to continue it, --overwrite to start it "
                                       f"over, or choose another run.output_dir")
-            self._remove_previous_run()
-        self.device = self._resolve_device(cfg.run.device)
+            if self.dist.is_main:
+                self._remove_previous_run()
+        distributed.barrier(self.dist)
+        self.device = self.dist.device if self.dist.enabled else self._resolve_device(cfg.run.device)
         self.latent_dtype = _DTYPES[cfg.sample.latent_dtype]
         mp = cfg.train.mixed_precision
         use_bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
@@ -213,6 +227,8 @@ class Trainer:
                                      shuffle=cfg.data.shuffle)
         self.group_size = cfg.sample.group_size
         self.num_samples = cfg.sample.prompts_per_step * cfg.sample.group_size
+        distributed.check_batch(self.dist, cfg)
+        self.local_samples = self.num_samples // self.dist.world_size  # the rows this rank samples and trains
 
         # --- rewards ---------------------------------------------------------------------------------
         from otca_fast.rewards import build_reward
@@ -236,6 +252,9 @@ class Trainer:
         self.transformer = self.backbone.transformer
         self.ref_transformer = None
         self.named_trainable = self._setup_finetuning()
+        # several ranks: replicate (ddp) or shard (fsdp) the transformer; fsdp replaces the parameters
+        self.named_trainable = distributed.prepare_model(self.dist, cfg, self.transformer, self.ref_transformer,
+                                                         self.named_trainable)
         self.trainable = list(self.named_trainable.values())
         try:
             self.latent_shape = tuple(self.backbone.latent_shape(cfg.sample.height, cfg.sample.width,
@@ -269,11 +288,11 @@ class Trainer:
         from otca_fast.buffer import TrajectoryBuffer
 
         t = cfg.sample.num_steps
-        self.buffer = TrajectoryBuffer(self.num_samples, t + 1, self.latent_shape, dtype=self.latent_dtype,
+        self.buffer = TrajectoryBuffer(self.local_samples, t + 1, self.latent_shape, dtype=self.latent_dtype,
                                        device=self.device)
         self.x0_buffer = None
         if self._needs_x0_preds():
-            self.x0_buffer = TrajectoryBuffer(self.num_samples, t, self.latent_shape, dtype=self.latent_dtype,
+            self.x0_buffer = TrajectoryBuffer(self.local_samples, t, self.latent_shape, dtype=self.latent_dtype,
                                               device=self.device)
         if cfg.sample.async_rewards:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otca-rewards")
@@ -281,12 +300,15 @@ class Trainer:
         # --- resume --------------------------------------------------------------------------------------
         if resume:
             self._load_checkpoint(latest)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
         self.report_dir = self.output_dir / "report"
-        self.report_dir.mkdir(exist_ok=True)
-        self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
-                                         resume_step=self.step if resume else None)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.report_dir.mkdir(exist_ok=True)
+            self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
+                                             resume_step=self.step if resume else None)
+        else:
+            self.metrics = distributed.NullMetrics()
         self.last_credit_info: dict[str, Any] | None = None
 
     # ============================================================================================
@@ -401,7 +423,8 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         """Run until ``train.max_steps``; returns the metric records of this run."""
         cfg = self.cfg
-        progress = report.RunProgress(cfg.run.progress, total_steps=cfg.train.max_steps, start_step=self.step,
+        progress = report.RunProgress(cfg.run.progress if self.dist.is_main else "none",
+                                      total_steps=cfg.train.max_steps, start_step=self.step,
                                       log_every=cfg.run.log_every, console=self.console)
         self.progress = progress
         records = []
@@ -419,12 +442,13 @@ class Trainer:
                     self.save_checkpoint()
                 if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
                     self._guarded(step, lambda s=step: self.evaluate(s), None)
-                if (cfg.run.plot_every and step % cfg.run.plot_every == 0) or step == cfg.train.max_steps:
+                if ((cfg.run.plot_every and step % cfg.run.plot_every == 0) or step == cfg.train.max_steps) \
+                        and self.dist.is_main:
                     self.write_plots(step)
                 progress.step_done(step, self._summary_line(record))
         finally:
             progress.close()
-        if records:
+        if records and self.dist.is_main:
             self.console.print(report.summary_table(report.read_metrics(self.metrics.path), self.reward_names,
                                                     title=f"otca_fast run summary ({self.output_dir})"))
         return records
@@ -436,22 +460,81 @@ class Trainer:
         self._updated_this_step = False
         try:
             return fn()
-        except (RewardError, NonFiniteError) as e:
-            latest = ckpt.latest_checkpoint(self.output_dir)
-            if good_state is None:
-                # evaluation after a completed step: the training state itself is sound
-                where = f"; the state after step {step} is checkpointed in {self.save_checkpoint()}"
-            elif self._updated_this_step:
-                # an optimizer update already ran in this step, so the weights are no longer those of
-                # the state captured before it; do not write a checkpoint that mixes the two
-                where = (f"; the weights were already updated in step {step}, so no new checkpoint is written "
-                         f"(latest: {latest if latest is not None else 'none'})")
-            elif step > 0:
-                path = self._write_checkpoint(step - 1, good_state)
-                where = f"; the last good state (step {step - 1}) is checkpointed in {path}"
-            else:
-                where = ""
+        except distributed.RankFailure as e:
+            if not e.recoverable:  # not a reward or a non-finite value: stop without a new checkpoint
+                raise TrainingError(str(e)) from e
+            where = self._checkpoint_after_failure(step, good_state)
             raise TrainingError(f"{e}{where}") from e
+        except (RewardError, NonFiniteError) as e:
+            where = self._checkpoint_after_failure(step, good_state)
+            raise TrainingError(f"{e}{where}") from e
+
+    def _checkpoint_after_failure(self, step: int, good_state: dict[str, Any] | None) -> str:
+        """Checkpoint the last good state after a failure in ``step``; says where (for the message).
+
+        On several ranks every rank gets here together (the failure was announced by
+        ``distributed.check_errors``), so the checkpoint is written collectively."""
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        if good_state is None:
+            # evaluation after a completed step: the training state itself is sound
+            return f"; the state after step {step} is checkpointed in {self.save_checkpoint()}"
+        if self._updated_this_step:
+            # an optimizer update already ran in this step, so the weights are no longer those of
+            # the state captured before it; do not write a checkpoint that mixes the two
+            return (f"; the weights were already updated in step {step}, so no new checkpoint is written "
+                    f"(latest: {latest if latest is not None else 'none'})")
+        if step > 0:
+            path = self._write_checkpoint(step - 1, good_state)
+            return f"; the last good state (step {step - 1}) is checkpointed in {path}"
+        return ""
+
+    def _rank_local(self, fn, *, forwards: bool = False):
+        """Run rank-local work (a single process: just ``fn()``).
+
+        Several ranks: an exception is held, and every rank then calls ``distributed.check_errors``
+        before its next collective, so a failure on one rank (a reward that raises, a NaN) stops every
+        rank at the same point with a :class:`distributed.RankFailure` naming it. Under FSDP every
+        forward is itself a collective: a failure before ``fn``'s forwards are all done (``forwards``
+        and ``self._forwards_done`` still False) cannot be announced in step with the others, so it is
+        recorded in the rendezvous store and this rank stops (the others end on their broken collective
+        or the process-group timeout).
+        """
+        if not self.dist.enabled:
+            return fn()
+        self._forwards_done = not (forwards and self.dist.strategy == "fsdp")
+        error, out = None, None
+        try:
+            out = fn()
+        except distributed.RankFailure:
+            raise
+        except Exception as e:  # noqa: BLE001 - held, then raised on every rank by check_errors
+            if not self._forwards_done:
+                raise TrainingError(distributed.fatal_message(self.dist, e)) from e
+            error = e
+        distributed.check_errors(self.dist, error)
+        return out
+
+    def _scorer(self, score, columns: int | None = None):
+        """``score`` as the rollout's reward function. Several ranks: a failure is held (NaN scores are
+        returned so the rollout finishes its forwards) and raised at the end of the rollout."""
+        if not self.dist.enabled:
+            return score
+
+        def held(frames, prompts, **kwargs):
+            try:
+                return score(frames, prompts, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised by _raise_held
+                if self._held_error is None:
+                    self._held_error = e
+                return torch.full((frames.shape[0], columns or len(self.rewards)), float("nan"))
+
+        return held
+
+    def _raise_held(self) -> None:
+        self._forwards_done = True
+        if self._held_error is not None:
+            error, self._held_error = self._held_error, None
+            raise error
 
     def train_step(self, step: int) -> dict[str, Any]:
         """One GRPO iteration: prompts → rollout → credit → timesteps → update. Returns its metrics."""
@@ -464,8 +547,9 @@ class Trainer:
         prompts = [self.prompts[i] for i in prompt_ids for _ in range(self.group_size)]
         group_ids = torch.arange(len(prompt_ids)).repeat_interleave(self.group_size)
 
-        # 2. rollout
-        roll = self.rollout(step, prompts)
+        # 2. rollout (several ranks: each samples its share of the N rows; a failure on any rank is
+        # announced to all before the next collective, see _rank_local)
+        roll = self._rank_local(lambda: self.rollout(step, prompts), forwards=True)
         t_rollout = time.perf_counter() - t_start
 
         # 3. credit: A[n, t]
@@ -543,11 +627,15 @@ class Trainer:
         else:
             sde_mask = sde_step_mask(cfg.num_steps, sde.mode, fraction=sde.fraction, window_size=sde.window_size,
                                      window_range=sde.window_range, generator=self.generators["schedule"])
+        # several ranks: this rank samples the rows `share` of the global batch (every rank drew the same
+        # prompts, and sample n gets the same initial and SDE noise whatever the number of ranks)
+        share = self.dist.share(len(prompts))
+        total, prompts = len(prompts), prompts[share]
         cond = self.backbone.encode_prompts(prompts)
         uncond = None
         if cfg.guidance_scale != 1.0:
             uncond = self.backbone.encode_prompts([cfg.negative_prompt] * min(cfg.batch_size, len(prompts)))
-        noise = self._initial_noise(len(prompts) // self.group_size, self.generators["noise"])
+        noise = self._initial_noise(total // self.group_size, self.generators["noise"])[share]
         # forget the previous step's trajectories: a gather of a pair not written this step then raises
         self.buffer.reset()
         if self.x0_buffer is not None:
@@ -559,13 +647,14 @@ class Trainer:
             batch_size=cfg.batch_size, dynamics=cfg.dynamics, noise_level=cfg.noise_level,
             generator=self.generators["noise"], guidance_scale=cfg.guidance_scale, uncond=uncond,
             buffer=self.buffer, x0_buffer=self.x0_buffer, autocast=self._autocast, step=step,
-            score_fn=self._score, reward_executor=self._executor, step_reward_fn=step_reward_fn,
-            on_progress=lambda b: self.progress.advance("rollout", b))
+            score_fn=self._scorer(self._score), reward_executor=self._executor, step_reward_fn=step_reward_fn,
+            on_progress=lambda b: self.progress.advance("rollout", b), rows=share, total_rows=total)
+        self._raise_held()
         step_rewards = None
         if step_reward_fn is not None:
             step_rewards = self._assemble_step_rewards(out.step_rewards, out.rewards)
         return {"prompts": prompts, "cond": cond, "uncond": uncond, "sde_mask": sde_mask, "window": window,
-                "log_probs": out.log_probs, "rewards": out.rewards, "step_rewards": step_rewards}
+                "log_probs": out.log_probs, "rewards": out.rewards, "step_rewards": step_rewards, "rows": share}
 
     # --- otca_timing: cheap rewards on the decoded x̂0 predictions --------------------------------------
 
@@ -580,13 +669,15 @@ class Trainer:
 
         states = self._timing_states()[:-1]  # the last state is the final sample, scored anyway
         cheap_rewards = [self.rewards[k] for k in cheap]
+        score = self._scorer(lambda frames, chunk_prompts, step: score_rewards(cheap_rewards, frames, chunk_prompts,
+                                                                               step=step), columns=len(cheap))
 
         def fn(rows: slice, x0s: list[torch.Tensor], _frames: torch.Tensor) -> torch.Tensor:
             chunk_prompts = prompts[rows]
             values = []
             for j in states:
                 frames = self.backbone.decode(x0s[j]).float().cpu()
-                values.append(score_rewards(cheap_rewards, frames, chunk_prompts, step=step))
+                values.append(score(frames, chunk_prompts, step=step))
             return torch.stack(values, 1)  # [B, M-1, K_cheap]
 
         return fn
@@ -612,25 +703,30 @@ class Trainer:
     # ============================================================================================
 
     def compute_advantages(self, step: int, roll: dict[str, Any], group_ids: torch.Tensor):
-        """A[N, T] from ``build_advantages`` with the configured scheme."""
+        """A[N, T] from ``build_advantages`` with the configured scheme.
+
+        The per-sample inputs of the credit are computed where the trajectories live (TCD's state
+        cosines from this rank's buffer, :meth:`_local_credit_inputs`). On several ranks they, the
+        rewards ``[N/W, K]`` and the group ids are all-gathered (a few KB: no latent crosses ranks),
+        ``roll["rewards"]`` becomes the whole batch's, and every rank builds the advantages of all N
+        rows with the global group statistics, exactly as a single process would.
+        """
         from otca_fast.credit import build_advantages
 
         cfg = self.cfg
         n, t = self.num_samples, cfg.sample.num_steps
+        cosines = self._rank_local(self._local_credit_inputs)
+        rows = roll.get("rows", slice(0, n))
+        roll["rewards"] = distributed.all_gather_rows(self.dist, roll["rewards"])
+        group_ids = distributed.all_gather_rows(self.dist, group_ids[rows])
         kwargs: dict[str, Any] = {}
-        if self._needs_latents():
-            all_n = torch.arange(n).repeat_interleave(t + 1)
-            all_t = torch.arange(t + 1).repeat(n)
-            kwargs["latents"] = self.buffer.gather(all_n, all_t).view(n, t + 1, *self.latent_shape)
-        if self.x0_buffer is not None:
-            all_n = torch.arange(n).repeat_interleave(t)
-            all_t = torch.arange(t).repeat(n)
-            kwargs["x0_preds"] = self.x0_buffer.gather(all_n, all_t).view(n, t, *self.latent_shape)
+        if cosines is not None:
+            kwargs["cosines"] = distributed.all_gather_rows(self.dist, cosines)
         # every tensor on one device: the trajectory's when it is passed, else the CPU
-        dev = kwargs["latents"].device if "latents" in kwargs else torch.device("cpu")
+        dev = kwargs["cosines"].device if "cosines" in kwargs else torch.device("cpu")
         kwargs["sigmas"] = self.sigmas.float().to(dev)
         if roll["step_rewards"] is not None:
-            kwargs["step_rewards"] = roll["step_rewards"].to(dev)
+            kwargs["step_rewards"] = distributed.all_gather_rows(self.dist, roll["step_rewards"]).to(dev)
         A, info = build_advantages(cfg.credit.scheme, rewards=roll["rewards"].to(dev), group_ids=group_ids.to(dev),
                                    config=self.credit_config, progress=self._progress(step),
                                    generator=self.generators["credit"], window=roll["window"], **kwargs)
@@ -643,6 +739,26 @@ class Trainer:
             raise NonFiniteError(f"step {step}: the advantage A[{i}, {j}] of credit scheme {cfg.credit.scheme!r} "
                                  f"is {float(A[i, j])}")
         return A.cpu(), info
+
+    def _local_credit_inputs(self) -> torch.Tensor | None:
+        """TCD's state cosines ``[N/W, T+1]`` of this rank's trajectories (None when the scheme needs none):
+        ``state_cosines`` of the noisy states or, for ``coca`` and ``credit.source: x0_pred``, of x̂0."""
+        if not self._needs_latents():
+            return None
+        from otca_fast.credit.trajectory import state_cosines
+
+        c = self.cfg.credit
+        n, t = self.local_samples, self.cfg.sample.num_steps
+        all_n = torch.arange(n).repeat_interleave(t + 1)
+        all_t = torch.arange(t + 1).repeat(n)
+        latents = self.buffer.gather(all_n, all_t).view(n, t + 1, *self.latent_shape)
+        x0_preds = None
+        if self.x0_buffer is not None:
+            all_n = torch.arange(n).repeat_interleave(t)
+            all_t = torch.arange(t).repeat(n)
+            x0_preds = self.x0_buffer.gather(all_n, all_t).view(n, t, *self.latent_shape)
+        source = "x0_pred" if c.scheme == "coca" else c.source
+        return state_cosines(latents, source=source, x0_preds=x0_preds, per_frame=c.per_frame, frame_dim=c.frame_dim)
 
     def _credit_summary(self, A: torch.Tensor, info: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
         """Scalars for the log: where the credit went over steps and objectives."""
@@ -740,15 +856,27 @@ class Trainer:
 
     def update(self, step: int, roll: dict[str, Any], A: torch.Tensor, index: torch.Tensor,
                weight: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
-        """Clipped-GRPO updates over the trained (sample, step) pairs; returns the loss statistics."""
+        """Clipped-GRPO updates over the trained (sample, step) pairs; returns the loss statistics.
+
+        Several ranks: ``A``, ``index``, ``weight`` and ``valid`` cover the whole batch; this rank trains
+        its own rows (``roll["rows"]``). Each term is scaled by W/(the update's pairs on *all* ranks), so
+        after the gradient average (DDP all-reduce or FSDP reduce-scatter) every optimizer update minimises
+        the global mean, as one process would; the logged statistics are global too.
+        """
         cfg = self.cfg
         tc = cfg.train
-        n, m = index.shape
+        d = self.dist
+        n_all, m = index.shape
+        share = roll.get("rows", slice(0, n_all))
+        per_rank = valid.view(d.world_size, -1, m)  # [W, N/W, M]: every rank's pairs (equal shares)
+        A, index, weight, valid = A[share], index[share], weight[share], valid[share]
+        lockstep = d.strategy == "fsdp"  # FSDP forwards/backwards are collectives: all ranks run the same ones
+        held: NonFiniteError | None = None
         sig = self.sigmas
         sigma_max = float(sig[1])  # Flow-GRPO's σ = 1 rule, as in the rollout
         # the rollout's chunks (same rows, same batch composition, so on-policy ratios are exactly 1),
         # split as evenly as possible over the optimizer updates of this step
-        micro = chunks(n, cfg.sample.batch_size)
+        micro = [rows for _, rows in share_chunks(n_all, share, cfg.sample.batch_size) if rows is not None]
         k = min(tc.updates_per_step, len(micro))
         groups = [micro[i * len(micro) // k:(i + 1) * len(micro) // k] for i in range(k)]
         old_log_probs = roll["log_probs"]
@@ -760,8 +888,8 @@ class Trainer:
         self.progress.phase("update", tc.inner_epochs * int(valid.sum()))
         for _epoch in range(tc.inner_epochs):
             for part in groups:
-                # L_u = mean over this update's (sample, step) pairs of the per-step loss
-                pairs = sum(int(valid[rows].sum()) for rows in part)
+                # L_u = mean over this update's (sample, step) pairs of the per-step loss (on every rank)
+                pairs = sum(int(per_rank[:, rows].sum()) for rows in part)
                 if pairs == 0:
                     continue
                 self.optimizer.zero_grad(set_to_none=True)
@@ -769,7 +897,9 @@ class Trainer:
                     all_ids = torch.arange(rows.start, rows.stop)
                     for j in range(m):
                         keep = valid[rows, j]
-                        if not bool(keep.any()):
+                        if held is not None or not bool(keep.any()):
+                            if lockstep and bool(per_rank[:, rows, j].any()):
+                                self._idle_pass(all_ids, index[all_ids, j], cond.index(rows), uncond)
                             continue
                         full = bool(keep.all())
                         ids = all_ids if full else all_ids[keep]
@@ -793,8 +923,16 @@ class Trainer:
                             noise_level=cfg.sample.noise_level, clip_range=tc.clip_range,
                             ref_model_output=v_ref, kl_beta=tc.kl_beta, sigma_max=sigma_max,
                             check_finite=False)  # old log-probs and A were checked once per step
-                        self._check_loss(step, loss, st, ids, t)
-                        (loss * (b / pairs)).backward()
+                        try:
+                            self._check_loss(step, loss, st, ids, t)
+                        except NonFiniteError as e:
+                            if not d.enabled:
+                                raise
+                            held = e  # announced to every rank before the gradients are averaged
+                            if lockstep:
+                                (v.float().sum() * 0.0).backward()
+                            continue
+                        (loss * (b * d.world_size / pairs)).backward()
                         ratio = st["ratio"].detach()
                         sums["loss"] += float(loss.detach()) * b
                         sums["ratio"] += float(ratio.sum())
@@ -804,7 +942,12 @@ class Trainer:
                         ratio_dev_max = max(ratio_dev_max, float((ratio - 1).abs().max()))
                         pairs_done += b
                         self.progress.advance("update", b)
+                if d.enabled:
+                    distributed.check_errors(d, held)
+                    distributed.sync_gradients(d, self.trainable)  # ddp; fsdp reduced them in backward
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):  # fsdp: the global norm of the sharded gradients
+                    grad_norm = grad_norm.full_tensor()
                 if not bool(torch.isfinite(grad_norm)):
                     raise NonFiniteError(
                         f"step {step}: the gradient norm is {float(grad_norm)} (update {len(grad_norms) + 1}); "
@@ -817,6 +960,14 @@ class Trainer:
                 if self.ema is not None and self.optimizer_steps % tc.ema.update_every == 0:
                     self.ema.step(self.trainable)
         self.optimizer.zero_grad(set_to_none=True)
+        if d.enabled:  # the statistics of the whole batch
+            keys = list(sums)
+            total = distributed.all_reduce(d, torch.tensor([sums[key] for key in keys] + [pairs_done],
+                                                           dtype=torch.float64))
+            sums = {key: float(total[i]) for i, key in enumerate(keys)}
+            pairs_done = int(total[-1])
+            ratio_dev_max = float(distributed.all_reduce(d, torch.tensor([ratio_dev_max], dtype=torch.float64),
+                                                         "max")[0])
         if pairs_done == 0:
             raise TrainingError(f"step {step}: no (sample, step) pair to train: every selected step was "
                                 f"excluded (check sample.sde and train.timesteps)")
@@ -828,6 +979,17 @@ class Trainer:
         out["optimizer_steps"] = self.optimizer_steps
         out["trained_pairs"] = pairs_done // tc.inner_epochs
         return out
+
+    def _idle_pass(self, ids: torch.Tensor, t: torch.Tensor, cond, uncond) -> None:
+        """FSDP: a zero-weighted forward and backward on rows ``ids`` at steps ``t``, so this rank's
+        collectives stay in step with ranks that train a (chunk, step) slot it has no pair in."""
+        x = self.buffer.gather(ids, t)
+        sigma_in = self.sigmas[t].to(device=self.device, dtype=torch.float32)
+        u = uncond.index(slice(0, ids.numel())) if uncond is not None else None
+        v = self._velocity(x, sigma_in, cond, u)
+        if self._kl_mode:
+            self._reference_velocity(x, sigma_in, cond, u)
+        (v.float().sum() * 0.0).backward()
 
     def _check_loss(self, step: int, loss: torch.Tensor, stats: dict[str, torch.Tensor], ids: torch.Tensor,
                     t: torch.Tensor) -> None:
@@ -873,20 +1035,31 @@ class Trainer:
             gen = torch.Generator(device=self.device).manual_seed(cfg.eval.seed)
             noise = torch.randn((len(prompts), *self.latent_shape), generator=gen, device=self.device).to(
                 self.latent_dtype)
+            total = len(prompts)
+            if self.dist.enabled:  # each rank evaluates its share (equal shares, the last row repeated)
+                share = distributed.eval_share(self.dist, total)
+                noise, prompts = noise[share], [prompts[i] for i in share.tolist()]
             cond = self.backbone.encode_prompts(prompts)
             uncond = None
             if guidance != 1.0:
                 uncond = self.backbone.encode_prompts([cfg.sample.negative_prompt] *
                                                       min(cfg.sample.batch_size, len(prompts)))
-            out = sample_trajectories(
-                self.backbone, cond, sigmas=self.eval_sigmas, sde_mask=torch.zeros(num_steps, dtype=torch.bool),
-                init_noise=noise, prompts=prompts, batch_size=cfg.sample.batch_size, dynamics="ode",
-                noise_level=cfg.sample.noise_level, generator=None, guidance_scale=guidance, uncond=uncond,
-                autocast=self._autocast, step=step, score_fn=self._score, reward_executor=None,
-                keep_frames=cfg.eval.max_clips if cfg.eval.save_clips else 0)
-        record = {f"eval/reward/{name}": float(out.rewards[:, k].mean()) for k, name in enumerate(self.reward_names)}
+
+            def sample():
+                result = sample_trajectories(
+                    self.backbone, cond, sigmas=self.eval_sigmas, sde_mask=torch.zeros(num_steps, dtype=torch.bool),
+                    init_noise=noise, prompts=prompts, batch_size=cfg.sample.batch_size, dynamics="ode",
+                    noise_level=cfg.sample.noise_level, generator=None, guidance_scale=guidance, uncond=uncond,
+                    autocast=self._autocast, step=step, score_fn=self._scorer(self._score), reward_executor=None,
+                    keep_frames=cfg.eval.max_clips if cfg.eval.save_clips and self.dist.is_main else 0)
+                self._raise_held()
+                return result
+
+            out = self._rank_local(sample, forwards=True)
+        rewards = distributed.all_gather_rows(self.dist, out.rewards)[:total]
+        record = {f"eval/reward/{name}": float(rewards[:, k].mean()) for k, name in enumerate(self.reward_names)}
         w = torch.tensor(self.reward_weights, dtype=torch.float32)
-        record["eval/reward/total"] = float((out.rewards * w).sum(1).mean())
+        record["eval/reward/total"] = float((rewards * w).sum(1).mean())
         self.metrics.log(step, record)
         for i, frames in enumerate(out.frames):
             report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
@@ -912,7 +1085,8 @@ class Trainer:
         return (f"otca_fast: {c.model.family} on {self.device} | {c.train.finetune} ({n_params:,} trainable) | "
                 f"credit {c.credit.scheme} | rewards {', '.join(self.reward_names)} | "
                 f"{c.sample.prompts_per_step}x{c.sample.group_size} samples/step, {c.sample.num_steps} steps | "
-                f"output {self.output_dir}" + (f" | resumed at step {self.step}" if self.step else ""))
+                f"output {self.output_dir}" + (f" | resumed at step {self.step}" if self.step else "")
+                + (f" | {self.dist.world_size} ranks ({self.dist.strategy})" if self.dist.enabled else ""))
 
     def _summary_line(self, record: dict[str, Any]) -> str:
         parts = [f"{name}={record[f'reward/{name}']:.4g}" for name in self.reward_names]
@@ -938,6 +1112,11 @@ class Trainer:
         ema = None
         if self.ema is not None:
             ema = dict(zip(self.named_trainable, self.ema.shadow_params))
+        if self.dist.enabled:  # the sharded layout: every rank writes its shards (torch.distributed.checkpoint)
+            return distributed.save_checkpoint(self.dist, self.output_dir, step, model=self.transformer,
+                                               optimizer=self.optimizer, ema=ema, state=state,
+                                               config_yaml=self.cfg.to_yaml(),
+                                               keep_last=self.cfg.train.keep_checkpoints)
         return ckpt.save_checkpoint(self.output_dir, step, weights=dict(self.named_trainable),
                                     optimizer=self.optimizer.state_dict(), state=state, ema=ema,
                                     config_yaml=self.cfg.to_yaml(), keep_last=self.cfg.train.keep_checkpoints)
@@ -947,6 +1126,19 @@ class Trainer:
         return self._write_checkpoint(self.step, self._state_for_checkpoint())
 
     def _load_checkpoint(self, path: Path) -> None:
+        if self.dist.enabled or ckpt.is_sharded(path):
+            # any layout onto any number of ranks, either strategy: by parameter name, through
+            # torch.distributed.checkpoint.state_dict (each rank keeps its part)
+            ema = dict(zip(self.named_trainable, self.ema.shadow_params)) if self.ema is not None else None
+            state = distributed.load_checkpoint(self.dist, path, model=self.transformer, optimizer=self.optimizer,
+                                                named_trainable=self.named_trainable, ema=ema)
+            if self.ema is not None:
+                if "ema" not in state:
+                    raise ConfigError(f"checkpoint {path} has no EMA weights but train.ema.enabled is true")
+                self.ema.load_state_dict(dict(state["ema"]))  # the shadow weights were loaded in place
+            config = Path(path) / "config.yaml"
+            self._restore_state(path, state, config.read_text() if config.is_file() else None)
+            return
         c = ckpt.load_checkpoint(path, map_location="cpu")
         missing = sorted(set(self.named_trainable) - set(c["weights"]))
         extra = sorted(set(c["weights"]) - set(self.named_trainable))
@@ -965,11 +1157,19 @@ class Trainer:
             ema_state = dict(state["ema"])
             ema_state["shadow_params"] = [c["ema"][n].to(p.device, p.dtype) for n, p in self.named_trainable.items()]
             self.ema.load_state_dict(ema_state)
+        self._restore_state(path, state, c["config_yaml"])
+
+    def _restore_state(self, path: Path, state: dict[str, Any], config_yaml: str | None) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        ckpt.restore_rng_state(state["rng"], self.generators)
+        rng = state["rng"]
+        if self.dist.enabled or int(state.get("world_size", 1)) > 1:
+            # rank 0's RNG states (every rank drew the same); the per-GPU CUDA states belong to one
+            # machine's devices and the loop draws only from its own generators, so they are skipped
+            rng = {key: value for key, value in rng.items() if key != "torch_cuda"}
+        ckpt.restore_rng_state(rng, self.generators)
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
-        self._warn_config_changes(c["config_yaml"])
+        self._warn_config_changes(config_yaml)
         self.console.print(f"resumed from {path} (step {self.step})", highlight=False)
 
     def _warn_config_changes(self, saved_yaml: str | None) -> None:
@@ -993,7 +1193,7 @@ class Trainer:
 
         a, b = flat(saved), flat(now)
         changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in benign
-                         and not k.startswith(("run.", "eval.")))
+                         and not k.startswith(("run.", "eval.", "distributed.")))
         if changed:
             self.console.print(f"[yellow]warning:[/] resuming with a config that differs from the checkpoint's in "
                                f"{changed}; the run will not match an uninterrupted one", highlight=False)
@@ -1013,6 +1213,8 @@ class Trainer:
         for buf in (getattr(self, "buffer", None), getattr(self, "x0_buffer", None)):
             if buf is not None:
                 buf.close()
+        if self._owns_dist:
+            distributed.shutdown(self.dist)
 
     def __enter__(self) -> Trainer:
         return self

@@ -89,8 +89,8 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
                      latents: torch.Tensor | None = None, x0_preds: torch.Tensor | None = None,
                      step_rewards: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
                      config: ConfigLike = None, generator: torch.Generator | None = None,
-                     progress: float | None = None,
-                     window: tuple[int, int] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                     progress: float | None = None, window: tuple[int, int] | None = None,
+                     cosines: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Per-step advantages ``A [N, T]`` (float32) of ``scheme`` and an ``info`` dict to log and plot.
 
     ``rewards`` ``[N, K]`` (or ``[N]``), ``group_ids`` ``[N]`` integer group labels. By scheme:
@@ -105,6 +105,12 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     drives ``dance``, ``window`` (random schedule) and importance selection: results are
     deterministic given it. ``progress`` (step / max steps) drives the progressive window;
     ``window=(start, stop)`` fixes the window the rollout used (see :func:`window_steps`).
+
+    ``cosines`` ``[N, T+1]``: the trajectory's state cosines, precomputed with
+    :func:`~otca_fast.credit.trajectory.state_cosines` (``source``/``per_frame``/``frame_dim`` of the
+    config for ``otca``, ``tcd_only`` and ``otca_timing``; ``source="x0_pred"`` for ``coca``). Given, it
+    stands in for ``latents`` and ``x0_preds``: a distributed trainer computes it on the rank that holds
+    the trajectories and gathers only these numbers.
 
     ``info``: ``scheme``; ``num_steps``; ``advantages`` ẑ ``[N, K]`` (clipped per-objective group
     z-scores); ``c`` ``[N, K]`` objective mix; ``w`` ``[N, T]`` or ``[N, T, K]`` step credit;
@@ -126,7 +132,7 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     n, k = zhat.shape
     device = zhat.device
     num_steps = _num_steps(cfg, n, k, device, latents=latents, x0_preds=x0_preds, step_rewards=step_rewards,
-                           sigmas=sigmas)
+                           sigmas=sigmas, cosines=cosines)
     objective_weights = _weights("objective_weights", cfg.objective_weights, k)
     if objective_weights is not None:
         static_c = torch.tensor(objective_weights, dtype=torch.float32, device=device).repeat(n, 1)
@@ -145,6 +151,9 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
                                      exploration=cfg.exploration)
 
     def tcd(name: str) -> torch.Tensor:
+        if cosines is not None:
+            info["cosines"] = cosines
+            return tcd_weights(cosines, eps=cfg.eps, normalize=cfg.normalize)
         if latents is None:
             raise ValueError(f"latents: scheme {name!r} needs the trajectory latents [N, T+1, ...], got None")
         cos = state_cosines(latents, source=cfg.source, x0_preds=x0_preds, per_frame=cfg.per_frame,
@@ -184,13 +193,13 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         adv = static_mix()[:, None] * w
         c = static_c
     elif scheme == "coca":
-        if x0_preds is None or latents is None:
+        if cosines is None and (x0_preds is None or latents is None):
             raise ValueError("x0_preds: scheme 'coca' scores the predicted clean latents (CoCA); pass "
                              "x0_preds [N, T, ...] and latents [N, T+1, ...] (for the final latent), got "
                              f"x0_preds={'a tensor' if x0_preds is not None else None}, "
                              f"latents={'a tensor' if latents is not None else None}")
-        cos = state_cosines(latents, source="x0_pred", x0_preds=x0_preds, per_frame=cfg.per_frame,
-                            frame_dim=cfg.frame_dim)
+        cos = cosines if cosines is not None else state_cosines(
+            latents, source="x0_pred", x0_preds=x0_preds, per_frame=cfg.per_frame, frame_dim=cfg.frame_dim)
         info["cosines"] = cos
         suffix = coca_suffix_credit(cos, window=cfg.coca_window)
         w = (cfg.coca_alpha + (1.0 - cfg.coca_alpha) * suffix).float()
@@ -263,6 +272,9 @@ def _num_steps(cfg: CreditConfig, n: int, k: int, device: torch.device,
             _checks.float_tensor(name, t)
             if t.dim() not in (1, 2):
                 raise ValueError(f"sigmas: expected [T+1] or [N, T+1], got shape {tuple(t.shape)}")
+        elif name == "cosines":
+            _checks.float_tensor(name, t, dim=2)
+            _checks.raise_if_not_finite(name, t, "[sample, state]")
         else:
             _checks.float_tensor(name, t, dim=3 if name == "step_rewards" else None, min_dim=3)
         if t.device != device:
@@ -270,7 +282,7 @@ def _num_steps(cfg: CreditConfig, n: int, k: int, device: torch.device,
         if (name != "sigmas" or t.dim() == 2) and t.shape[0] != n:
             raise ValueError(f"{name}: expected {n} samples along dim 0 (one per row of rewards), got shape "
                              f"{tuple(t.shape)}")
-        if name == "latents":
+        if name in ("latents", "cosines"):
             found[name] = t.shape[1] - 1
         elif name == "x0_preds":
             found[name] = t.shape[1]
