@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMES", "ABLATIONS", "OBJECTIVES", "SECTION_HEADING", "bench_config", "run_scheme", "summarise",
-           "write_results", "merge_section", "plot_results", "main"]
+__all__ = ["SCHEMES", "ABLATIONS", "FULL_BUDGET", "OBJECTIVES", "SECTION_HEADING", "bench_config", "run_scheme",
+           "summarise", "write_results", "merge_section", "plot_results", "main"]
 
 SCHEMES: tuple[str, ...] = ("uniform", "dance", "tempflow", "window", "coca", "otca", "otca_timing")
 ABLATIONS: tuple[str, ...] = ("tcd_only", "moca_only")
@@ -40,9 +40,12 @@ OBJECTIVES: tuple[str, ...] = ("shapes_alignment", "shapes_motion", "shapes_qual
 _REPO = Path(__file__).resolve().parent.parent
 _DEFAULT_CONFIG = _REPO / "configs" / "tiny_video.yaml"
 SECTION_HEADING = "## Credit benchmark on the shapes world (issue 6)"
+# The full benchmark's budget: the main job's config with fewer training steps, so that all 9 schemes x 3
+# seeds fit in about 75 minutes on 2 CPU cores (--jobs 2); every scheme gets exactly the same budget.
+FULL_BUDGET = {"train.max_steps": 60}
 _QUICK = {
     "train.max_steps": 1, "train.checkpoint_every": 1, "sample.num_steps": 2, "sample.group_size": 2,
-    "sample.prompts_per_step": 2, "sample.batch_size": 4, "eval.num_steps": 2,
+    "sample.prompts_per_step": 2, "sample.batch_size": 4, "eval.num_steps": 2, "credit.window_size": 1,
 }
 
 
@@ -71,12 +74,17 @@ def bench_config(scheme: str, seed: int, output_dir: str | Path, *, base_config:
         f"credit.scheme={scheme}", f"run.seed={seed}", f"run.output_dir={output_dir}", "run.progress=none",
         "run.tensorboard=false", "run.plot_every=0", "eval.enabled=true", "eval.every=0", "eval.save_clips=false",
     ]
+    if scheme == "window":
+        # MixGRPO / Flow-GRPO-Fast: the credit window *is* the set of SDE steps (drawn in the first half,
+        # credit.window_range), so the rollout's own SDE setting must leave every step eligible
+        settings.append("sample.sde.mode=all")
     if quick:
         settings += [f"{k}={v}" for k, v in _QUICK.items()]
         apply_overrides(data, settings)
         data["data"]["eval_prompt_file"] = None
         data["data"]["eval_prompts"] = _heldout_prompts()[:4]
     else:
+        settings += [f"{k}={v}" for k, v in FULL_BUDGET.items()]
         apply_overrides(data, settings)
     # the user's --set overrides come last, and apply to every scheme alike
     apply_overrides(data, list(overrides))
@@ -109,9 +117,12 @@ def run_scheme(scheme: str, seed: int, output_dir: str | Path, **config_kwargs: 
         raise RuntimeError(f"{scheme} seed {seed}: expected evaluations at the start and the end in {metrics_path}, "
                            f"got {len(evals)}")
     first, last = evals[0], evals[-1]
-    return {"scheme": scheme, "seed": seed, "wall_seconds": wall, "steps": cfg.train.max_steps,
-            "base": {k: first[f"eval/reward/{k}"] for k in OBJECTIVES},
-            "final": {k: last[f"eval/reward/{k}"] for k in OBJECTIVES}}
+    record = {"scheme": scheme, "seed": seed, "wall_seconds": wall, "steps": cfg.train.max_steps,
+              "base": {k: first[f"eval/reward/{k}"] for k in OBJECTIVES},
+              "final": {k: last[f"eval/reward/{k}"] for k in OBJECTIVES}}
+    # the run's record beside its metrics: a benchmark stopped half-way keeps what it measured (--reuse)
+    (Path(output_dir) / "bench_result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -244,6 +255,34 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return out
 
 
+def _machine(jobs: int) -> str:
+    """Where the benchmark ran, for the report: CPU model and cores, GPU if used, parallel runs."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    where = f"{cpu}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()}"
+    return where + (f", {jobs} runs at a time" if jobs > 1 else ", one run at a time")
+
+
+def _worker_init(threads: int) -> None:
+    """A ``--jobs`` worker: its share of the CPU cores, so parallel runs do not oversubscribe them."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m otca_fast.bench_credit", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: every scheme, 1 seed, 1 tiny step")
@@ -252,6 +291,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=_DEFAULT_CONFIG, help="base config (its budget is shared)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override the base config for every run, e.g. --set train.max_steps=40")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs trained at once, in separate processes sharing the CPU cores (or the GPU) evenly "
+                        "(default 2: one core each on a 2-core machine)")
+    p.add_argument("--reuse", type=Path, default=None, metavar="JSON",
+                   help="a credit_benchmark.json of an earlier run: its (scheme, seed) runs that this invocation "
+                        "does not train join the table (only valid when nothing they read has changed since)")
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary directory)")
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown report (default: bench/RESULTS.md; with --quick the report is only printed "
@@ -260,7 +305,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import platform
 
     args = _parser().parse_args(argv)
     schemes = args.schemes or list(SCHEMES + ABLATIONS)
@@ -271,15 +315,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="otca_bench_credit_") as scratch:
         out = args.out or Path(scratch)
         results = args.results or (Path(scratch) / "RESULTS.md" if args.quick else _REPO / "bench" / "RESULTS.md")
+        if args.jobs < 1:
+            raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
+        jobs = [(scheme, seed, out / f"{scheme}_seed{seed}") for scheme in schemes for seed in seeds]
+        kwargs = dict(base_config=args.config, overrides=args.overrides, quick=args.quick)
         runs = []
-        for scheme in schemes:
-            for seed in seeds:
-                run = run_scheme(scheme, seed, out / f"{scheme}_seed{seed}", base_config=args.config,
-                                 overrides=args.overrides, quick=args.quick)
-                runs.append(run)
-                gains = " ".join(f"{k.removeprefix('shapes_')} {run['final'][k] - run['base'][k]:+.4f}"
-                                 for k in OBJECTIVES)
-                print(f"{scheme:12s} seed {seed}: {gains}  ({run['wall_seconds']:.0f} s)", flush=True)
+
+        def report_run(run: dict[str, Any]) -> None:
+            runs.append(run)
+            gains = " ".join(f"{k.removeprefix('shapes_')} {run['final'][k] - run['base'][k]:+.4f}"
+                             for k in OBJECTIVES)
+            print(f"{run['scheme']:12s} seed {run['seed']}: {gains}  ({run['wall_seconds']:.0f} s)", flush=True)
+
+        if args.jobs == 1:
+            for scheme, seed, run_dir in jobs:
+                report_run(run_scheme(scheme, seed, run_dir, **kwargs))
+        else:
+            import multiprocessing
+            import os
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            threads = max(1, (os.cpu_count() or 1) // args.jobs)
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = {pool.submit(run_scheme, scheme, seed, run_dir, **kwargs): (scheme, seed)
+                           for scheme, seed, run_dir in jobs}
+                for future in as_completed(futures):
+                    try:
+                        report_run(future.result())
+                    except Exception as e:
+                        # stop at the first failed run: cancel what has not started, and say which run it was
+                        for other in futures:
+                            other.cancel()
+                        scheme, seed = futures[future]
+                        raise RuntimeError(f"bench_credit: run {scheme} seed {seed} failed: {e}") from e
+            # the table keeps the order of --schemes and --seeds whatever order the runs finished in
+            order = {(scheme, seed): i for i, (scheme, seed, _) in enumerate(jobs)}
+            runs.sort(key=lambda r: order[(r["scheme"], r["seed"])])
+        if args.reuse is not None:
+            trained = {(r["scheme"], r["seed"]) for r in runs}
+            earlier = [r for r in json.loads(args.reuse.read_text()) if (r["scheme"], r["seed"]) not in trained]
+            print(f"reusing {len(earlier)} runs of {args.reuse}: "
+                  f"{sorted({r['scheme'] for r in earlier})}", flush=True)
+            runs += earlier
+            # the table in the canonical scheme order, whatever order the runs came from
+            rank = {name: i for i, name in enumerate(SCHEMES + ABLATIONS)}
+            runs.sort(key=lambda r: (rank[r["scheme"]], r["seed"]))
         rows = summarise(runs)
         cfg = bench_config(schemes[0], seeds[0], out / "_", base_config=args.config, overrides=args.overrides,
                            quick=args.quick)
@@ -292,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "base_model": ("random tiny weights (model.tiny)" if cfg.model.tiny else
                                    "the shipped shapes base (`otca_fast/toy/assets`)" if cfg.model.path is None
                                    else f"`{cfg.model.path}`"),
-                    "machine": f"{platform.machine()}, torch threads {__import__('torch').get_num_threads()}"}
+                    "machine": _machine(args.jobs)}
         plot = plot_results(rows, results.with_name("credit_benchmark.png"))
         write_results(results, rows, runs, settings, plot_path=plot)
         (results.with_name("credit_benchmark.json")).write_text(json.dumps(runs, indent=2) + "\n")

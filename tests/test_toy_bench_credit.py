@@ -6,26 +6,41 @@ import json
 
 import pytest
 
-from otca_fast.bench_credit import OBJECTIVES, SECTION_HEADING, bench_config, main, merge_section, summarise
+from otca_fast.bench_credit import (
+    ABLATIONS,
+    FULL_BUDGET,
+    OBJECTIVES,
+    SCHEMES,
+    SECTION_HEADING,
+    bench_config,
+    main,
+    merge_section,
+    summarise,
+)
 
 
-def test_quick_benchmark_trains_each_scheme_and_writes_the_table(tmp_path):
+@pytest.mark.parametrize("jobs, schemes", [(1, ["uniform", "otca"]), (2, list(SCHEMES + ABLATIONS))])
+def test_quick_benchmark_trains_each_scheme_and_writes_the_table(tmp_path, jobs, schemes):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Another benchmark\n\nkeep me\n")
-    assert main(["--quick", "--schemes", "uniform", "otca", "--out", str(tmp_path / "runs"),
+    # jobs=2: every scheme and ablation, in two worker processes; the table keeps the order of --schemes
+    assert main(["--quick", "--schemes", *schemes, "--jobs", str(jobs), "--out", str(tmp_path / "runs"),
                  "--results", str(results)]) == 0
     text = results.read_text()
-    assert "| uniform | 1 |" in text and "| otca | 1 |" in text
+    assert all(f"| {scheme} | 1 |" in text for scheme in schemes)
     assert text.startswith("# Benchmark results") and "keep me" in text and SECTION_HEADING in text
     assert "shipped shapes base" in text
     assert (tmp_path / "credit_benchmark.png").stat().st_size > 0
     runs = json.loads((tmp_path / "credit_benchmark.json").read_text())
-    assert [r["scheme"] for r in runs] == ["uniform", "otca"]
-    # both schemes start from the same base model and the same evaluation noise
-    assert runs[0]["base"] == runs[1]["base"]
+    assert [r["scheme"] for r in runs] == schemes
+    # every scheme starts from the same base model and the same evaluation noise
+    assert all(run["base"] == runs[0]["base"] for run in runs)
     for run in runs:
         assert set(run["final"]) == set(OBJECTIVES)
         assert all(0.0 <= v <= 1.0 for v in run["final"].values())
+        # each run leaves its record beside its metrics
+        saved = json.loads((tmp_path / "runs" / f"{run['scheme']}_seed0" / "bench_result.json").read_text())
+        assert saved == run
 
 
 def test_every_scheme_shares_the_budget_and_only_the_scheme_and_seed_differ(tmp_path):
@@ -37,7 +52,13 @@ def test_every_scheme_shares_the_budget_and_only_the_scheme_and_seed_differ(tmp_
     assert [r.name for r in a.rewards] == list(OBJECTIVES)
     for section in ("sample", "optimizer", "data", "eval"):
         assert getattr(a, section) == getattr(b, section), section
-    assert a.train.max_steps == b.train.max_steps
+    assert a.train.max_steps == b.train.max_steps == FULL_BUDGET["train.max_steps"]
+    # the user's --set overrides apply to every scheme alike, after the benchmark's own budget
+    c = bench_config("coca", 1, tmp_path / "c", overrides=["train.max_steps=7"])
+    assert c.train.max_steps == 7
+    # window's SDE steps are its own window, so the rollout leaves every step eligible
+    assert bench_config("window", 0, tmp_path / "w").sample.sde.mode == "all"
+    assert a.sample.sde.mode == b.sample.sde.mode == "fraction"
     with pytest.raises(ValueError, match="scheme"):
         bench_config("best_of_n", 0, tmp_path / "c")
 
@@ -60,3 +81,18 @@ def test_merge_section_replaces_only_its_own_section():
     assert merged == f"# R\n\n## A\n\na\n\n{SECTION_HEADING}\n\nnew\n\n## B\n\nb\n"
     assert merge_section("", f"{SECTION_HEADING}\n\nx") == f"{SECTION_HEADING}\n\nx\n"
     assert merge_section("# R\n", "## S\n") == "# R\n\n## S\n"
+
+
+def test_reuse_merges_an_earlier_runs_schemes_in_canonical_order(tmp_path):
+    first, second = tmp_path / "first" / "RESULTS.md", tmp_path / "second" / "RESULTS.md"
+    assert main(["--quick", "--jobs", "1", "--schemes", "otca", "--out", str(tmp_path / "a"),
+                 "--results", str(first)]) == 0
+    # the second invocation trains uniform and takes otca from the first one's JSON
+    assert main(["--quick", "--jobs", "1", "--schemes", "uniform", "--out", str(tmp_path / "b"),
+                 "--results", str(second), "--reuse", str(first.with_name("credit_benchmark.json"))]) == 0
+    runs = json.loads(second.with_name("credit_benchmark.json").read_text())
+    assert [r["scheme"] for r in runs] == ["uniform", "otca"]
+    earlier = json.loads(first.with_name("credit_benchmark.json").read_text())
+    assert runs[1] == earlier[0]
+    text = second.read_text()
+    assert text.index("| uniform | 1 |") < text.index("| otca | 1 |")

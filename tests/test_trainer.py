@@ -33,10 +33,13 @@ FAST_MODEL = {"transformer": {"num_layers": 1, "ffn_dim": 64}}
 
 
 def small(out: Path, **extra) -> list[str]:
-    """--set overrides that make the tiny config cheap: 2 prompts x 2 samples, 4 denoising steps."""
+    """--set overrides that make the tiny config cheap: 2 prompts x 2 samples, 4 denoising steps, all SDE."""
     sets = {"run.output_dir": str(out), "run.progress": "none", "run.plot_every": 0, "model.tiny": FAST_MODEL,
             "sample.height": 16, "sample.width": 16, "sample.num_frames": 3, "sample.num_steps": 4,
             "sample.group_size": 2, "sample.prompts_per_step": 2, "sample.batch_size": 4,
+            # every step stochastic and independent initial noise (the shipped config confines the SDE to
+            # the first half and shares the noise per group; these tests count pairs over all steps)
+            "sample.sde.mode": "all", "sample.same_noise": False,
             "train.max_steps": 2, "train.checkpoint_every": 1, "eval.every": 0, "eval.max_clips": 1,
             # two held-out prompts (the default config evaluates all 48 held-out combinations)
             "data.eval_prompt_file": None,
