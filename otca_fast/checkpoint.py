@@ -106,10 +106,23 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
     torch.save({**state, "step": step}, tmp / "state.pt")
     if config_yaml is not None:
         (tmp / "config.yaml").write_text(config_yaml)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    publish_checkpoint(tmp, final, keep_last)
+    return final
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
+    """Make the fully written directory ``tmp`` the checkpoint ``final`` and prune the old ones.
+
+    Everything under ``tmp`` is synced to disk before the rename, so a crash at any instant leaves
+    either the previous checkpoints or the complete new one under the final name, never a partial
+    one; then all but the newest ``keep_last`` checkpoints are removed. Both checkpoint layouts (the
+    single-process safetensors one and the sharded DCP one) are published through here.
+    """
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
     if final.exists():
         # a checkpoint of this step already exists (e.g. written again after a reward failure):
         # move it aside first so that at every instant one complete copy carries the final name
@@ -122,9 +135,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
     else:
         os.replace(tmp, final)
     _fsync_dir(final.parent)
-    for _, path in list_checkpoints(root)[:-keep_last]:
+    for _, path in list_checkpoints(final.parent.parent)[:-keep_last]:
         shutil.rmtree(path)
-    return final
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -490,25 +490,16 @@ def _options(**kw):
     return StateDictOptions(ignore_frozen_params=True, strict=False, **kw)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(Path(dirpath) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-    from otca_fast.checkpoint import _fsync_dir
-
-    _fsync_dir(root)
-
-
 def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None, state: dict[str, Any],
                     config_yaml: str | None, keep_last: int) -> Path:
     """Write the sharded checkpoint of ``step`` (a collective: every rank calls it).
 
-    Every rank writes its shards into ``.step_XXXXXXXX.tmp-sharded/dcp``; rank 0 adds ``state.pt``
-    and ``config.yaml``, syncs, renames the directory into place and prunes all but the newest
-    ``keep_last``. A failure on any rank is raised on every rank and leaves the previous checkpoints
-    as they were.
+    Every rank writes its shards into ``.step_<8-digit step>.tmp-sharded/dcp``; rank 0 adds
+    ``state.pt`` and ``config.yaml`` and publishes the directory
+    (:func:`otca_fast.checkpoint.publish_checkpoint`: synced, renamed into place, all but the newest
+    ``keep_last`` pruned). A failure on any rank is raised on every rank and leaves the previous
+    checkpoints as they were.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -544,19 +535,7 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, mode
                         "has_optimizer_state": has_optim}, tmp / "state.pt")
             if config_yaml is not None:
                 (tmp / "config.yaml").write_text(config_yaml)
-            _fsync_tree(tmp)
-            if final.exists():
-                old = final.parent / f".{final.name}.old-sharded"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            ckpt._fsync_dir(final.parent)
-            for _, path in ckpt.list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(path)
+            ckpt.publish_checkpoint(tmp, final, keep_last)
         except OSError as e:
             error = e
     check_errors(ctx, error)
