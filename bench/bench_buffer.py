@@ -21,7 +21,7 @@ import random
 import pytest
 import torch
 
-from bench.latent_sizes import GPU_SIZES
+from latent_sizes import GPU_SIZES
 from otca_fast.buffer import TrajectoryBuffer, extension_status
 
 CUDA = torch.cuda.is_available()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob
-from bench.latent_sizes import BATCHES, sizes
+from eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob
+from latent_sizes import BATCHES, sizes
 from otca_fast import ops, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob  # noqa: E402
+from eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob  # noqa: E402
 from otca_fast import ops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

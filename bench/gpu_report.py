@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob  # noqa: E402
-from bench.latent_sizes import BATCHES, GPU_SIZES  # noqa: E402
+from eager_baseline import flow_grpo_loss, flow_grpo_sde_step_with_logprob  # noqa: E402
+from latent_sizes import BATCHES, GPU_SIZES  # noqa: E402
 from otca_fast import ops, reference  # noqa: E402
 
 SIGMA, SIGMA_NEXT, SIGMA_MAX = 0.7, 0.65, 0.96

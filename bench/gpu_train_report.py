@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_train_step import step_ops  # noqa: E402
+from bench_train_step import step_ops  # noqa: E402
 
 
 def build_config(output_dir: Path, args: argparse.Namespace):

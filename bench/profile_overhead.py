@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.latent_sizes import GPU_SIZES, sizes  # noqa: E402
+from latent_sizes import GPU_SIZES, sizes  # noqa: E402
 from otca_fast import ops  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go: the CUDA tests of every package, then the GPU reports.
 #   bash bench/run_gpu_suite.sh OUTDIR [ops|buffer|credit|train|tune ...]   (default: all)
-# Run from the repository root with otca_fast importable (installed, or PYTHONPATH=. with the
-# kernels/ directory linked as otca_fast/kernels).
+# Run from the repository root with otca_fast importable (installed, or PYTHONPATH=.: the link
+# otca_fast/kernels -> ../kernels makes the Triton kernels otca_fast.kernels).
 set -uo pipefail
 out=${1:?usage: run_gpu_suite.sh OUTDIR [parts...]}
 shift

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_report import SIGMA, SIGMA_NEXT, copy_bandwidth_gbs, graph_ms, make_inputs  # noqa: E402
-from bench.latent_sizes import GPU_SIZES  # noqa: E402
+from gpu_report import SIGMA, SIGMA_NEXT, copy_bandwidth_gbs, graph_ms, make_inputs  # noqa: E402
+from latent_sizes import GPU_SIZES  # noqa: E402
 from otca_fast import ops  # noqa: E402
 from otca_fast.kernels import sde_step as sde_kernels  # noqa: E402
 

@@ -29,3 +29,13 @@ def test_ci_runs_the_quick_start_commands_verbatim():
     ci = (ROOT / ".ci" / "run").read_text()
     for command in commands:
         assert command in ci, f".ci/run does not run the README command: {command}"
+
+
+def test_the_quick_start_installs_the_tested_lock():
+    quick = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    install = re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0]
+    pip_installs = [part.strip() for part in install.split("&&") if part.strip().startswith("pip install")]
+    assert pip_installs, "the first quick-start command installs nothing"
+    for command in pip_installs:
+        assert "-c requirements-lock.txt" in command, f"not constrained by the lock: {command}"
+    assert (ROOT / "requirements-lock.txt").is_file()
