@@ -193,6 +193,22 @@ class RewardSpec(_Section):
         return v
 
 
+class MetricSpec(_Section):
+    """One held-out metric that is never trained on: a registry name (a reward, or an eval-only metric such
+    as ``shapes_exam``) or a dotted path 'package.module:callable'."""
+
+    name: str = Field(description="registry name (otca_fast.rewards.list_rewards() / list_metrics()) or "
+                                  "'pkg.module:callable'")
+    options: dict[str, Any] = Field(default_factory=dict, description="keywords for the metric's factory")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a metric name, got an empty string")
+        return v
+
+
 class TimestepConfig(_Section):
     """Which SDE steps are trained (the last denoising step never is, see train.skip_last_step)."""
 
@@ -276,6 +292,22 @@ class EvalConfig(_Section):
     save_clips: bool = Field(True, description="write GIF and MP4 clips under report/clips/")
     max_clips: PositiveInt = Field(4, description="clips written per evaluation")
     fps: PositiveInt = Field(8, description="frame rate of the written clips")
+    metrics: list[MetricSpec] = Field(
+        default_factory=list, description="held-out metrics never trained on, logged as eval/metric/<name>: list of "
+                                          "{name, options} (a reward, an eval-only metric or 'pkg.module:callable')")
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = Field(
+        0.9, description="level of the bootstrap intervals (over prompts) of every change from the first "
+                         "evaluation; a trained reward rising while an eval metric falls, both beyond them, is "
+                         "reported as possible reward hacking")
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: list[MetricSpec]) -> list[MetricSpec]:
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"each metric may appear once (it is logged by name), got duplicates {dup}")
+        return v
 
 
 class FSDPConfig(_Section):
@@ -422,6 +454,11 @@ class Config(_Section):
         if self.eval.enabled and not self.data.eval_prompts and self.data.eval_prompt_file is None:
             raise ValueError("data.eval_prompts: evaluation is on (eval.enabled) but there are no held-out prompts; "
                              "give data.eval_prompts / data.eval_prompt_file or set eval.enabled: false")
+        trained = sorted({r.name for r in self.rewards} & {m.name for m in self.eval.metrics})
+        if trained:
+            raise ValueError(f"eval.metrics: {trained} {'is' if len(trained) == 1 else 'are'} also under rewards:; an "
+                             f"eval metric is a judge the trainer never optimises (trained rewards are evaluated "
+                             f"as eval/reward/<name> already)")
         if sum(abs(r.weight) for r in self.rewards) == 0:
             raise ValueError("rewards: every weight is 0; at least one objective must carry weight")
         s = self.sample

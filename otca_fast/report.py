@@ -141,13 +141,18 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], lis
     return xs, ys
 
 
-def plot_rewards(records: Sequence[dict[str, Any]], reward_names: Sequence[str], path: str | Path) -> Path:
-    """One panel per objective: the training reward mean (± std when logged) and the evaluation mean."""
-    n = max(1, len(reward_names))
+def plot_rewards(records: Sequence[dict[str, Any]], reward_names: Sequence[str], path: str | Path, *,
+                 metric_keys: Sequence[str] = ()) -> Path:
+    """One panel per objective: the training reward mean (± std when logged) and the evaluation mean; then
+    one panel per eval metric (``metric/<name>[/<part>]``, never trained on). An evaluation at which a trained
+    reward rose while a metric fell (``eval/hacking_metrics``) is marked with a red cross on that metric's
+    panel and a dotted red line on every reward panel."""
+    n = max(1, len(reward_names) + len(metric_keys))
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig = _figure(4.2 * cols, 3.0 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    alarms = [(int(r["step"]), r["eval/hacking_metrics"]) for r in records if r.get("eval/hacking_metrics")]
     for ax, name in zip(axes, reward_names):
         xs, ys = _series(records, f"reward/{name}")
         if xs:
@@ -160,7 +165,25 @@ def plot_rewards(records: Sequence[dict[str, Any]], reward_names: Sequence[str],
         ex, ey = _series(records, f"eval/reward/{name}")
         if ex:
             ax.plot(ex, ey, "o-", color="tab:orange", label="eval (EMA, ODE)")
+        for i, (step, _) in enumerate(alarms):
+            ax.axvline(step, color="tab:red", linestyle=":", linewidth=1,
+                       label="a metric fell while a reward rose" if i == 0 else None)
         ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax, key in zip(axes[len(reward_names):], metric_keys):
+        name = key.removeprefix("metric/")
+        ex, ey = _series(records, f"eval/{key}")
+        if ex:
+            ax.plot(ex, ey, "s-", color="tab:green", label="eval metric (never trained on)")
+            at = dict(zip(ex, ey))
+            marked = [(step, at[step]) for step, fell in alarms if name in fell and step in at]
+            if marked:
+                ax.plot(*zip(*marked), "x", color="tab:red", markersize=10, markeredgewidth=2,
+                        label="fell while a reward rose")
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -316,22 +339,38 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def summary_table(records: Sequence[dict[str, Any]], reward_names: Sequence[str], *, title: str = "run summary"):
-    """A rich Table: per objective the first and last training reward and the first/last evaluation."""
+def summary_table(records: Sequence[dict[str, Any]], reward_names: Sequence[str], *, title: str = "run summary",
+                  metric_keys: Sequence[str] = (), changes: dict[str, Any] | None = None):
+    """A rich Table: per objective the first and last training reward and the first/last evaluation, then
+    each eval metric. ``changes`` (``{key: stats.Interval}`` of the last evaluation against the first) adds
+    the interval of each evaluated change, and says which are beyond the noise."""
     from rich.table import Table
 
+    changes = changes or {}
     table = Table(title=title)
-    for col in ("metric", "first", "last", "change"):
+    columns = ["metric", "first", "last", "change"]
+    level = next(iter(changes.values())).level if changes else None
+    if changes:
+        columns.append(f"{round(100 * level)}% interval (over prompts)")
+    for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
 
-    def row(label: str, key: str) -> None:
+    def row(label: str, key: str, change_key: str | None = None) -> None:
         _, ys = _series(records, key)
-        if ys:
-            table.add_row(label, f"{ys[0]:.4g}", f"{ys[-1]:.4g}", f"{ys[-1] - ys[0]:+.4g}")
+        if not ys:
+            return
+        cells = [label, f"{ys[0]:.4g}", f"{ys[-1]:.4g}", f"{ys[-1] - ys[0]:+.4g}"]
+        if changes:
+            c = changes.get(change_key) if change_key else None
+            verdict = "" if c is None else (" rose" if c.above_zero else " fell" if c.below_zero else " (noise)")
+            cells.append("" if c is None else f"[{c.lo:+.4f}, {c.hi:+.4f}]{verdict}")
+        table.add_row(*cells)
 
     for name in reward_names:
         row(f"reward/{name}", f"reward/{name}")
-        row(f"eval/reward/{name}", f"eval/reward/{name}")
+        row(f"eval/reward/{name}", f"eval/reward/{name}", f"reward/{name}")
+    for key in metric_keys:
+        row(f"eval/{key}", f"eval/{key}", key)
     for key in ("reward/total", "loss", "kl", "clip_frac", "grad_norm", "samples_per_s", "peak_memory_gb"):
         row(key, key)
     return table

@@ -52,9 +52,19 @@ import torch
 from otca_fast import checkpoint as ckpt
 from otca_fast import distributed, ops, report
 from otca_fast.config import Config, ConfigError
+from otca_fast.evaluation import (
+    Evaluation,
+    compare,
+    evaluation_noise,
+    evaluation_rows,
+    hacking_alarms,
+    metric_part_keys,
+    sample_and_score,
+)
 from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask, share_chunks
 
-__all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled"]
+__all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled", "add_lora_adapters", "read_prompts",
+           "seed_everything"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # metrics that measure time or memory: they differ between two runs of the same numbers
@@ -74,7 +84,8 @@ def _stream_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the trainer does this before building anything random)."""
     import random
 
     import numpy as np
@@ -148,7 +159,28 @@ def adapters_disabled(module: torch.nn.Module):
             layer.enable_adapters(True)
 
 
-def _read_prompts(inline: list[str], path: Path | None, what: str) -> list[str]:
+def add_lora_adapters(backbone, lora) -> None:
+    """Inject peft LoRA adapters (``train.lora`` of the config) into ``backbone.transformer``, in float32.
+
+    The adapters train in float32 even over bf16 base weights (their updates are tiny). B is zero at
+    initialisation, so the adapted network starts as the pretrained one.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = lora.target_modules or list(backbone.lora_target_modules())
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        init_lora_weights="gaussian" if lora.init == "gaussian" else True, target_modules=targets)
+    try:
+        inject_adapter_in_model(config, backbone.transformer)
+    except ValueError as e:
+        raise ConfigError(f"train.lora.target_modules: {e} (the backbone's defaults are "
+                          f"{list(backbone.lora_target_modules())})") from None
+    for name, p in backbone.transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+
+
+def read_prompts(inline: list[str], path: Path | None, what: str) -> list[str]:
     prompts = list(inline)
     if path is not None:
         p = Path(path)
@@ -216,11 +248,11 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
         # --- everything random below is seeded: tiny random backbones and LoRA init included -------
-        _seed_everything(cfg.run.seed)
+        seed_everything(cfg.run.seed)
 
         # --- data ------------------------------------------------------------------------------------
-        self.prompts = _read_prompts(cfg.data.prompts, cfg.data.prompt_file, "prompt")
-        self.eval_prompts = _read_prompts(cfg.data.eval_prompts, cfg.data.eval_prompt_file, "eval_prompt")
+        self.prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_file, "prompt")
+        self.eval_prompts = read_prompts(cfg.data.eval_prompts, cfg.data.eval_prompt_file, "eval_prompt")
         if not self.prompts:
             raise ConfigError("data: no training prompts (data.prompts is empty and data.prompt_file has none)")
         self.sampler = PromptSampler(len(self.prompts), cfg.sample.prompts_per_step, seed=cfg.run.seed,
@@ -233,14 +265,26 @@ class Trainer:
         # --- rewards ---------------------------------------------------------------------------------
         from otca_fast.rewards import build_reward
 
-        if cfg.model.family == "shapes" or any(r.name.startswith("shapes_") for r in cfg.rewards):
+        if cfg.model.family == "shapes" or any(r.name.startswith("shapes_")
+                                               for r in [*cfg.rewards, *cfg.eval.metrics]):
+            import otca_fast.toy.exam  # noqa: F401  (registers the eval-only shapes_exam)
             import otca_fast.toy.rewards  # noqa: F401  (registers shapes_alignment / _motion / _quality)
         self.rewards = []
         for i, spec in enumerate(cfg.rewards):
             try:
-                self.rewards.append(build_reward(spec.name, **spec.options))
+                reward = build_reward(spec.name, **spec.options)
             except (TypeError, ValueError, ImportError) as e:
                 raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
+            if reward.eval_only:
+                raise ConfigError(f"rewards[{i}] ({spec.name}): an eval-only metric is never trained on (a judge the "
+                                  f"policy can optimise can be gamed); list it under eval.metrics")
+            self.rewards.append(reward)
+        self.eval_metrics = []
+        for i, spec in enumerate(cfg.eval.metrics):
+            try:
+                self.eval_metrics.append(build_reward(spec.name, **spec.options))
+            except (TypeError, ValueError, ImportError) as e:
+                raise ConfigError(f"eval.metrics[{i}] ({spec.name}): {e}") from None
         self.reward_names = [r.name for r in self.rewards]
         self.reward_weights = [spec.weight for spec in cfg.rewards]
         if cfg.credit.scheme == "otca_timing" and not any(r.cheap for r in self.rewards):
@@ -310,6 +354,12 @@ class Trainer:
         else:
             self.metrics = distributed.NullMetrics()
         self.last_credit_info: dict[str, Any] | None = None
+        # the first evaluation (the base model): every later one is compared with it, clip for clip
+        self.base_evaluation: Evaluation | None = None
+        self.last_changes: dict[str, Any] = {}
+        base_file = self._evaluation_file(0)
+        if resume and base_file.is_file():
+            self.base_evaluation = Evaluation.load(base_file)
 
     # ============================================================================================
     # set-up
@@ -359,21 +409,7 @@ class Trainer:
             self.ref_transformer = copy.deepcopy(tr).requires_grad_(False).eval()
         self._kl_mode = reference if cfg.kl_beta > 0 else None
         if cfg.finetune == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
-            targets = cfg.lora.target_modules or list(self.backbone.lora_target_modules())
-            lcfg = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                              init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
-                              target_modules=targets)
-            try:
-                inject_adapter_in_model(lcfg, tr)
-            except ValueError as e:
-                raise ConfigError(f"train.lora.target_modules: {e} (the backbone's defaults are "
-                                  f"{list(self.backbone.lora_target_modules())})") from None
-            # adapters train in float32 even over bf16 base weights (their updates are tiny)
-            for name, p in tr.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
+            add_lora_adapters(self.backbone, cfg.lora)
         else:
             tr.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -449,8 +485,14 @@ class Trainer:
         finally:
             progress.close()
         if records and self.dist.is_main:
-            self.console.print(report.summary_table(report.read_metrics(self.metrics.path), self.reward_names,
-                                                    title=f"otca_fast run summary ({self.output_dir})"))
+            from rich.console import Console
+
+            table = report.summary_table(report.read_metrics(self.metrics.path), self.reward_names,
+                                         title=f"otca_fast run summary ({self.output_dir})",
+                                         metric_keys=self.metric_keys(), changes=self.last_changes)
+            # a log file or pipe: wide enough that metric names and intervals are not cut
+            console = self.console if self.console.is_terminal else Console(file=self.console.file, width=160)
+            console.print(table)
         return records
 
     def _guarded(self, step: int, fn, good_state: dict[str, Any] | None):
@@ -1021,47 +1063,54 @@ class Trainer:
         finally:
             self.ema.restore(self.trainable)
 
+    def _evaluation_file(self, step: int) -> Path:
+        return self.output_dir / "report" / "eval" / f"step_{step:06d}.json"
+
     def evaluate(self, step: int) -> dict[str, Any]:
-        """Held-out prompts, EMA weights, ODE sampling from a fixed seed; logs eval/… and writes clips."""
+        """Held-out prompts, EMA weights, ODE sampling from a fixed seed: the trained rewards and the eval
+        metrics of every clip (``report/eval/step_*.json``), their means (``eval/…``), the changes from the
+        first evaluation with bootstrap intervals, a warning when a reward rose while a metric fell, clips."""
         cfg = self.cfg
         if not cfg.eval.enabled:
             return {}
-        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval.samples_per_prompt)]
+        prompts = evaluation_rows(self.eval_prompts, cfg.eval.samples_per_prompt)
         guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
-        num_steps = self.eval_sigmas.numel() - 1
         # fork_rng: whatever evaluation draws never moves the training RNG streams
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.ema_weights():
-            gen = torch.Generator(device=self.device).manual_seed(cfg.eval.seed)
-            noise = torch.randn((len(prompts), *self.latent_shape), generator=gen, device=self.device).to(
-                self.latent_dtype)
+            noise = evaluation_noise(len(prompts), self.latent_shape, cfg.eval.seed, device=self.device,
+                                     dtype=self.latent_dtype)
             total = len(prompts)
             if self.dist.enabled:  # each rank evaluates its share (equal shares, the last row repeated)
                 share = distributed.eval_share(self.dist, total)
                 noise, prompts = noise[share], [prompts[i] for i in share.tolist()]
-            cond = self.backbone.encode_prompts(prompts)
-            uncond = None
-            if guidance != 1.0:
-                uncond = self.backbone.encode_prompts([cfg.sample.negative_prompt] *
-                                                      min(cfg.sample.batch_size, len(prompts)))
 
             def sample():
-                result = sample_trajectories(
-                    self.backbone, cond, sigmas=self.eval_sigmas, sde_mask=torch.zeros(num_steps, dtype=torch.bool),
-                    init_noise=noise, prompts=prompts, batch_size=cfg.sample.batch_size, dynamics="ode",
-                    noise_level=cfg.sample.noise_level, generator=None, guidance_scale=guidance, uncond=uncond,
-                    autocast=self._autocast, step=step, score_fn=self._scorer(self._score), reward_executor=None,
+                result = sample_and_score(
+                    self.backbone, prompts, noise, sigmas=self.eval_sigmas, batch_size=cfg.sample.batch_size,
+                    guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt, rewards=self.rewards,
+                    metrics=self.eval_metrics, step=step, autocast=self._autocast, scorer=self._scorer,
                     keep_frames=cfg.eval.max_clips if cfg.eval.save_clips and self.dist.is_main else 0)
                 self._raise_held()
                 return result
 
-            out = self._rank_local(sample, forwards=True)
-        rewards = distributed.all_gather_rows(self.dist, out.rewards)[:total]
-        record = {f"eval/reward/{name}": float(rewards[:, k].mean()) for k, name in enumerate(self.reward_names)}
-        w = torch.tensor(self.reward_weights, dtype=torch.float32)
-        record["eval/reward/total"] = float((rewards * w).sum(1).mean())
+            rows, clips = self._rank_local(sample, forwards=True)
+        rows = {key: distributed.all_gather_rows(self.dist, value)[:total] for key, value in rows.items()}
+        evaluation = Evaluation.from_rows(step, self.eval_prompts, cfg.eval.samples_per_prompt, cfg.eval.seed, rows)
+        record = evaluation.log_record(dict(zip(self.reward_names, self.reward_weights)))
+        if self.base_evaluation is None or step == 0:
+            self.base_evaluation = evaluation
+        elif self.dist.is_main:
+            self.last_changes = compare(self.base_evaluation, evaluation, level=cfg.eval.confidence)
+            alarms = hacking_alarms(step, self.last_changes)
+            record["eval/hacking_alarms"] = len(alarms)
+            record["eval/hacking_metrics"] = [alarm.metric for alarm in alarms]  # marked on report/rewards.png
+            for alarm in alarms:
+                self.progress.print(f"warning: {alarm.message()}")
+        if self.dist.is_main:
+            evaluation.save(self._evaluation_file(step))
         self.metrics.log(step, record)
-        for i, frames in enumerate(out.frames):
+        for i, frames in enumerate(clips):
             report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
         return record
 
@@ -1069,9 +1118,16 @@ class Trainer:
     # reports
     # ============================================================================================
 
+    def metric_keys(self) -> list[str]:
+        """The ``metric/…`` keys the evaluations log (each part of a multi-part metric separately)."""
+        if self.base_evaluation is None:
+            return []
+        return metric_part_keys(self.base_evaluation.values)
+
     def write_plots(self, step: int) -> None:
         records = report.read_metrics(self.metrics.path)
-        report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png")
+        report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png",
+                            metric_keys=self.metric_keys())
         report.plot_training(records, self.report_dir / "training.png")
         if self.last_credit_info is not None:
             from otca_fast.credit import plot_credit

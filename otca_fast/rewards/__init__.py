@@ -17,12 +17,15 @@ from otca_fast.rewards.registry import (
     RewardError,
     build_reward,
     check_frames,
+    list_metrics,
     list_rewards,
+    register_metric,
     register_reward,
+    score_metrics,
     score_rewards,
 )
 
 __all__ = [
-    "ROLES", "Reward", "RewardError", "build_reward", "check_frames", "list_rewards", "register_reward",
-    "score_rewards",
+    "ROLES", "Reward", "RewardError", "build_reward", "check_frames", "list_metrics", "list_rewards",
+    "register_metric", "register_reward", "score_metrics", "score_rewards",
 ]

@@ -18,7 +18,7 @@ import functools
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ROLES", "Reward", "RewardError", "RewardFn", "register_reward", "build_reward", "list_rewards",
-    "score_rewards", "check_frames",
+    "ROLES", "Reward", "RewardError", "RewardFn", "register_reward", "register_metric", "build_reward",
+    "list_rewards", "list_metrics", "score_rewards", "score_metrics", "check_frames",
 ]
 
 ROLES: tuple[str, ...] = ("quality", "motion", "alignment", "custom")
@@ -44,12 +44,19 @@ class Reward:
     ``frames`` is ``[B, F, C, H, W]`` float in [0, 1] with ``C = 3`` (RGB), ``prompts`` a list of B
     strings. ``role`` is one of :data:`ROLES`; ``cheap`` says whether the reward is cheap enough to be
     evaluated on intermediate x̂0 predictions.
+
+    ``eval_only`` marks a metric registered with :func:`register_metric`: a judge the trainer must never
+    optimise (a config that lists it under ``rewards:`` is refused). A metric may return several parts,
+    a mapping ``{part: [B]}``; ``headline`` names the part that stands for the whole (see
+    :func:`score_metrics`).
     """
 
     name: str
     role: str
     cheap: bool
     fn: RewardFn
+    eval_only: bool = False
+    headline: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,6 +98,8 @@ class _Entry:
     factory: Callable[..., RewardFn]
     role: str
     cheap: bool
+    eval_only: bool = False
+    headline: str | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -109,6 +118,25 @@ def register_reward(name: str, *, role: str, cheap: bool) -> Callable[[Callable[
     different factory under a taken name is an error (re-registering the same one, as a module reload
     does, is allowed).
     """
+    return _register(name, _Entry(None, role, cheap))
+
+
+def register_metric(name: str, *, headline: str | None = None, role: str = "custom",
+                    cheap: bool = False) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Decorator registering an *eval-only* metric factory ``(**options) -> fn`` under ``name``.
+
+    A metric is a judge the trainer never optimises: it can be listed under ``eval.metrics:`` but not
+    under ``rewards:``. ``fn(frames, prompts)`` returns ``B`` scores, or a mapping ``{part: [B]}`` of
+    several parts (each logged as ``eval/metric/<name>/<part>``), in which case ``headline`` names the part
+    logged as ``eval/metric/<name>`` itself.
+    """
+    if headline is not None and (not isinstance(headline, str) or not headline):
+        raise TypeError(f"register_metric({name!r}): headline: expected a part name or None, got {headline!r}")
+    return _register(name, _Entry(None, role, cheap, eval_only=True, headline=headline))
+
+
+def _register(name: str, entry: _Entry) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    role, cheap = entry.role, entry.cheap
     if not isinstance(name, str) or not name or any(c in name for c in ".: "):
         raise ValueError(f"register_reward: name: expected a non-empty str without '.', ':' or spaces "
                          f"(those mark dotted paths), got {name!r}")
@@ -123,7 +151,7 @@ def register_reward(name: str, *, role: str, cheap: bool) -> Callable[[Callable[
         if old is not None and _qualname(old.factory) != _qualname(factory):
             raise ValueError(f"register_reward: the name {name!r} is already taken by "
                              f"{_qualname(old.factory)}; pick another name for {_qualname(factory)}")
-        _REGISTRY[name] = _Entry(factory, role, cheap)
+        _REGISTRY[name] = _Entry(factory, role, cheap, entry.eval_only, entry.headline)
         return factory
 
     return decorator
@@ -134,8 +162,13 @@ def _qualname(obj: object) -> str:
 
 
 def list_rewards() -> dict[str, tuple[str, bool]]:
-    """``{name: (role, cheap)}`` for every registered reward, sorted by name."""
-    return {name: (e.role, e.cheap) for name, e in sorted(_REGISTRY.items())}
+    """``{name: (role, cheap)}`` for every registered reward (eval-only metrics excluded), sorted by name."""
+    return {name: (e.role, e.cheap) for name, e in sorted(_REGISTRY.items()) if not e.eval_only}
+
+
+def list_metrics() -> dict[str, str | None]:
+    """``{name: headline part}`` for every registered eval-only metric, sorted by name."""
+    return {name: e.headline for name, e in sorted(_REGISTRY.items()) if e.eval_only}
 
 
 def _check_options(target: Callable[..., Any], what: str, leading: tuple = (), /, **options: Any) -> None:
@@ -179,13 +212,17 @@ def build_reward(name_or_dotted_path: str, **options: Any) -> Reward:
         if not callable(fn):
             raise TypeError(f"build_reward({name!r}): the factory returned {type(fn).__name__}, "
                             f"expected a callable (frames, prompts) -> scores")
-        return Reward(name=name, role=entry.role, cheap=entry.cheap, fn=fn)
+        return Reward(name=name, role=entry.role, cheap=entry.cheap, fn=fn, eval_only=entry.eval_only,
+                      headline=entry.headline)
     if "." not in name and ":" not in name:
         raise ValueError(f"build_reward: unknown reward {name!r}; registered rewards: "
                          f"{sorted(_REGISTRY)}; a user-defined reward is a dotted path "
                          f"'package.module:callable'")
     role = options.pop("role", "custom")
     cheap = options.pop("cheap", False)
+    headline = options.pop("headline", None)
+    if headline is not None and (not isinstance(headline, str) or not headline):
+        raise TypeError(f"build_reward({name!r}): headline: expected the name of a part, got {headline!r}")
     _check_role(role, f"build_reward({name!r}): role")
     if not isinstance(cheap, bool):
         raise TypeError(f"build_reward({name!r}): cheap: expected a bool, got {cheap!r}")
@@ -202,7 +239,7 @@ def build_reward(name_or_dotted_path: str, **options: Any) -> Reward:
     else:
         raise TypeError(f"build_reward({name!r}): expected a callable or a class, "
                         f"got {type(target).__name__}")
-    return Reward(name=name, role=role, cheap=cheap, fn=fn)
+    return Reward(name=name, role=role, cheap=cheap, fn=fn, headline=headline)
 
 
 def _import_dotted(path: str) -> Any:
@@ -296,27 +333,80 @@ def score_rewards(rewards: Sequence[Reward], frames: torch.Tensor, prompts: Sequ
 
     batch = frames.shape[0]
     out = torch.empty(batch, len(rewards), dtype=torch.float32)
-    f32_max = torch.finfo(torch.float32).max
     for k, reward in enumerate(rewards):
-        try:
-            with torch.no_grad():
-                raw = reward.fn(frames, list(prompts))   # a copy per reward: no reward sees another's edits
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a RewardError naming the reward
-            index = _localise_failure(reward, frames, prompts)
-            raise RewardError(reward.name, None if index is None else prompts[index], step, exc,
-                              index) from exc
-        try:
-            scores = _as_scores(raw, batch)
-        except (TypeError, ValueError) as exc:   # the output as a whole is malformed: no prompt to blame
-            raise RewardError(reward.name, None, step, exc) from exc
-        bad = (~torch.isfinite(scores)) | (scores.abs() > f32_max)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            cause = ValueError(f"returned a non-finite score {scores[i].item()!r} for sample {i} "
-                               f"({int(bad.sum())} of {batch} samples non-finite)")
-            raise RewardError(reward.name, prompts[i], step, cause, i)
-        out[:, k] = scores.to(torch.float32)
+        raw = _call(reward, frames, prompts, step)
+        if isinstance(raw, Mapping):
+            raise RewardError(reward.name, None, step, TypeError(
+                "returned a mapping of parts; a trained reward returns one score per sample (a multi-part "
+                "judge belongs under eval.metrics)"))
+        out[:, k] = _checked_scores(reward.name, raw, prompts, step)
     return out
+
+
+def score_metrics(metrics: Sequence[Reward], frames: torch.Tensor, prompts: Sequence[str], *,
+                  step: int) -> dict[str, torch.Tensor]:
+    """Evaluate metrics (eval-only metrics, or rewards used as judges) on a batch.
+
+    Returns ``{key: [B] float32}`` on the CPU. A metric that returns ``B`` scores gives the key
+    ``name``; one that returns a mapping ``{part: [B]}`` gives ``name/part`` for every part and ``name``
+    for its headline part (:attr:`Reward.headline`, else the first part). Failures raise
+    :class:`RewardError` as in :func:`score_rewards`.
+    """
+    if isinstance(metrics, Reward) or not isinstance(metrics, Sequence) or not metrics:
+        raise TypeError(f"score_metrics: metrics: expected a non-empty sequence of Reward, "
+                        f"got {type(metrics).__name__}")
+    prompts = check_frames(frames, prompts)
+    _check_values(frames, prompts, step)
+    out: dict[str, torch.Tensor] = {}
+    for metric in metrics:
+        if not isinstance(metric, Reward):
+            raise TypeError(f"score_metrics: expected Reward entries (from build_reward), got {type(metric).__name__}")
+        raw = _call(metric, frames, prompts, step)
+        if not isinstance(raw, Mapping):
+            out[metric.name] = _checked_scores(metric.name, raw, prompts, step)
+            continue
+        if not raw:
+            raise RewardError(metric.name, None, step, ValueError("returned an empty mapping of parts"))
+        for part, value in raw.items():
+            if not isinstance(part, str) or not part or "/" in part:
+                raise RewardError(metric.name, None, step, ValueError(
+                    f"part names must be non-empty str without '/', got {part!r}"))
+            out[f"{metric.name}/{part}"] = _checked_scores(f"{metric.name}/{part}", value, prompts, step)
+        headline = metric.headline or next(iter(raw))
+        if headline not in raw:
+            raise RewardError(metric.name, None, step, KeyError(
+                f"its headline part {headline!r} is not among the returned parts {list(raw)}"))
+        out[metric.name] = out[f"{metric.name}/{headline}"]
+    return out
+
+
+def _call(reward: Reward, frames: torch.Tensor, prompts: list[str], step: int) -> object:
+    """``reward.fn`` on the batch; any exception becomes a :class:`RewardError` naming the prompt that
+    reproduces it alone."""
+    try:
+        with torch.no_grad():
+            raw = reward.fn(frames, list(prompts))   # a copy per reward: no reward sees another's edits
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a RewardError naming the reward
+        index = _localise_failure(reward, frames, prompts)
+        raise RewardError(reward.name, None if index is None else prompts[index], step, exc,
+                          index) from exc
+    return raw
+
+
+def _checked_scores(name: str, raw: object, prompts: list[str], step: int) -> torch.Tensor:
+    """``raw`` as float32 ``[B]``, or a :class:`RewardError` for a malformed or non-finite output."""
+    batch = len(prompts)
+    try:
+        scores = _as_scores(raw, batch)
+    except (TypeError, ValueError) as exc:   # the output as a whole is malformed: no prompt to blame
+        raise RewardError(name, None, step, exc) from exc
+    bad = (~torch.isfinite(scores)) | (scores.abs() > torch.finfo(torch.float32).max)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        cause = ValueError(f"returned a non-finite score {scores[i].item()!r} for sample {i} "
+                           f"({int(bad.sum())} of {batch} samples non-finite)")
+        raise RewardError(name, prompts[i], step, cause, i)
+    return scores.to(torch.float32)
 
 
 def _check_values(frames: torch.Tensor, prompts: list[str], step: int) -> None:

@@ -1,0 +1,75 @@
+"""Intervals for claims about held-out metrics: percentile bootstrap over prompts.
+
+The unit of resampling is the *prompt*: clips of one prompt share its difficulty, so they are not
+independent draws, and the claim a reader cares about is "on prompts like these". A paired comparison
+(the same prompts and the same evaluation noise before and after training, or under two credit
+schemes) resamples the per-prompt *differences*, which removes the prompt-to-prompt spread from the
+interval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Interval", "bootstrap_mean", "paired_difference"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its two-sided bootstrap interval at ``level``."""
+
+    mean: float
+    lo: float
+    hi: float
+    level: float
+    n: int
+
+    @property
+    def above_zero(self) -> bool:
+        """The whole interval is above 0: an increase beyond the noise."""
+        return self.lo > 0
+
+    @property
+    def below_zero(self) -> bool:
+        """The whole interval is below 0: a decrease beyond the noise."""
+        return self.hi < 0
+
+    def format(self, digits: int = 3) -> str:
+        return f"{self.mean:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "level": self.level, "n": self.n}
+
+
+def bootstrap_mean(values: torch.Tensor, *, level: float = 0.9, resamples: int = 2000,
+                   seed: int = 0) -> Interval:
+    """Mean of ``values`` ``[P]`` (or ``[P, S]``: S clips per prompt, averaged per prompt first) with a
+    percentile bootstrap interval over the P prompts. Deterministic for a given ``seed``."""
+    if not isinstance(values, torch.Tensor) or values.dim() not in (1, 2) or values.shape[0] < 1:
+        raise ValueError(f"values: expected a [P] or [P, S] tensor with P >= 1, got "
+                         f"{tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__}")
+    if not 0 < level < 1:
+        raise ValueError(f"level: expected a value in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples: expected >= 1, got {resamples}")
+    per_prompt = values.double() if values.dim() == 1 else values.double().mean(1)
+    if not bool(torch.isfinite(per_prompt).all()):
+        raise ValueError("values: contains NaN or Inf")
+    p = per_prompt.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(p, (resamples, p), generator=generator)
+    means = per_prompt[picks].mean(1)
+    tail = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return Interval(float(per_prompt.mean()), lo, hi, level, p)
+
+
+def paired_difference(after: torch.Tensor, before: torch.Tensor, **kwargs) -> Interval:
+    """``after − before`` for the same prompts (rows) and the same evaluation noise, with the interval of
+    :func:`bootstrap_mean` over the per-prompt differences."""
+    if after.shape != before.shape:
+        raise ValueError(f"after / before: expected the same prompts and clips (equal shapes), got "
+                         f"{tuple(after.shape)} and {tuple(before.shape)}")
+    return bootstrap_mean(after.double() - before.double(), **kwargs)
