@@ -769,9 +769,13 @@ class Trainer:
         kwargs["sigmas"] = self.sigmas.float().to(dev)
         if roll["step_rewards"] is not None:
             kwargs["step_rewards"] = distributed.all_gather_rows(self.dist, roll["step_rewards"]).to(dev)
+        # the credit lives on the steps that can be trained (and credit-guided selection happens here, once)
+        trainable = torch.zeros(t, dtype=torch.bool)
+        trainable[self.trainable_steps(roll["sde_mask"])] = True
         A, info = build_advantages(cfg.credit.scheme, rewards=roll["rewards"].to(dev), group_ids=group_ids.to(dev),
                                    config=self.credit_config, progress=self._progress(step),
-                                   generator=self.generators["credit"], window=roll["window"], **kwargs)
+                                   generator=self.generators["credit"], window=roll["window"],
+                                   trainable=trainable.to(dev), **kwargs)
         A = A.float()
         if A.shape != (n, t):
             raise RuntimeError(f"build_advantages({cfg.credit.scheme!r}) returned A of shape {tuple(A.shape)}, "
@@ -850,8 +854,6 @@ class Trainer:
         and ``window`` choose their own steps; the other schemes keep all), then ``train.timesteps``
         picks among them.
         """
-        from otca_fast.credit import select_timesteps
-
         ts = self.cfg.train.timesteps
         steps = self.trainable_steps(sde_mask)
         n, s = A.shape[0], steps.numel()
@@ -873,11 +875,11 @@ class Trainer:
             local = torch.arange(ts.window_start, ts.window_start + ts.window_size).expand(n, ts.window_size)
             weight, valid = torch.ones(n, ts.window_size), torch.ones(n, ts.window_size, dtype=torch.bool)
         else:
-            # credit-guided: sample steps ∝ |A[n, t]| with Horvitz–Thompson weights 1/π, so the
-            # weighted loss is an unbiased estimate of the loss over all trainable steps
-            local, weight = select_timesteps(A[:, steps].abs().float(), ts.fraction, mode=ts.select_mode,
-                                             generator=self.generators["credit"])
-            valid = torch.ones_like(local, dtype=torch.bool)
+            # credit-guided: build_advantages already chose ⌈fraction·S⌉ of the S trainable steps per sample,
+            # ∝ |A[n, t]| with Horvitz–Thompson weights 1/π (importance) or the top-k, and folded the weights
+            # into A; train exactly those (the weights go in A, so the loss weight here is 1)
+            index = info["index"].to("cpu")
+            return index.contiguous(), torch.ones(index.shape), torch.ones(index.shape, dtype=torch.bool)
         return steps[local].contiguous(), weight.float().contiguous(), valid.contiguous()
 
     # ============================================================================================
@@ -923,7 +925,9 @@ class Trainer:
         groups = [micro[i * len(micro) // k:(i + 1) * len(micro) // k] for i in range(k)]
         old_log_probs = roll["log_probs"]
         clip = self.credit_config.adv_clip_max
-        adv = A.clamp(-clip, clip)  # Flow-GRPO clamps A[:, t] to ±adv_clip_max before the surrogate
+        # Flow-GRPO clamps A[:, t] to ±adv_clip_max before the surrogate; credit-guided selection has clamped
+        # A before folding in its importance weights, which must not be clipped
+        adv = A if self.cfg.train.timesteps.mode == "credit" else A.clamp(-clip, clip)
         cond, uncond = roll["cond"], roll["uncond"]
         sums = dict.fromkeys(("loss", "ratio", "clipped", "approx_kl", "kl"), 0.0)
         ratio_dev_max, pairs_done, grad_norms = 0.0, 0, []

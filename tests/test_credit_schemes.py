@@ -232,6 +232,51 @@ def test_selection_keeps_m_steps_with_importance_weights():
     assert torch.equal(info_k["index"], top)
 
 
+def test_credit_lives_on_the_trainable_steps():
+    """With ``trainable`` (e.g. a rollout that is SDE on its first half only), step credit earned on a step
+    that cannot be trained is shared out over the trainable ones instead of being lost: w is renormalised
+    over them (mean 1), and A is 0 elsewhere."""
+    data = batch(steps=6)
+    trainable = torch.tensor([True, True, True, False, False, False])
+    for scheme in ("otca", "tcd_only", "otca_timing"):
+        full, full_info = call(scheme, data)
+        adv, info = build_advantages(scheme, **data, config={}, trainable=trainable)
+        w, w_full = info["w"], full_info["w"]
+        assert bool((w[:, 3:] == 0).all()) and bool((adv[:, 3:] == 0).all())
+        torch.testing.assert_close(w[:, :3].mean(1), torch.ones(w.shape[0], *w.shape[2:]))
+        # proportional to the full credit on the trainable steps
+        ratio = w[:, :3] / w_full[:, :3]
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+        assert torch.equal(info["train_mask"], trainable.expand(12, 6))
+    # timing credit of an objective that only progressed on untrainable steps still reaches the trained ones
+    late = dict(data, step_rewards=torch.cat([torch.zeros(12, 4, 3), torch.ones(12, 3, 3)], 1))
+    _, info = build_advantages("otca_timing", **late, config={}, trainable=trainable)
+    torch.testing.assert_close(info["w"][:, :3], torch.ones(12, 3, 3))
+
+
+def test_dance_and_selection_choose_among_the_trainable_steps():
+    data = batch(steps=8)
+    trainable = torch.tensor([True] * 4 + [False] * 4)
+    _, info = build_advantages("dance", **data, config={"dance_fraction": 0.5}, trainable=trainable,
+                               generator=torch.Generator().manual_seed(0))
+    assert bool(info["train_mask"].sum(1).eq(2).all()) and not bool(info["train_mask"][:, 4:].any())
+    for mode in ("importance", "topk"):
+        adv, info = build_advantages("otca", **data, config={"select_fraction": 0.5, "select_mode": mode},
+                                     trainable=trainable, generator=torch.Generator().manual_seed(0))
+        assert info["index"].shape == (12, 2) and bool((info["index"] < 4).all())
+        assert bool((adv.gather(1, info["index"]) != 0).all()) and int((adv != 0).sum()) == 24
+
+
+def test_bad_trainable_masks_are_rejected():
+    data = batch(steps=4)
+    with pytest.raises(ValueError, match="trainable: expected a bool tensor"):
+        build_advantages("uniform", **data, trainable=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="trainable: expected a bool tensor"):
+        build_advantages("uniform", **data, trainable=torch.ones(4))
+    with pytest.raises(ValueError, match="no trainable step"):
+        build_advantages("uniform", **data, trainable=torch.zeros(4, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------------------------------------------
 # properties of every scheme
 # ---------------------------------------------------------------------------------------------------

@@ -297,9 +297,45 @@ def test_schemes_and_trained_timesteps(tmp_path, extra, pairs):
     assert rec["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     if pairs is not None:
         assert rec["trained_pairs"] == pairs
-    else:  # dance: int(4 * 0.5) = 2 random steps per sample, minus the last step when drawn
-        assert 4 * 1 <= rec["trained_pairs"] <= 4 * 2
+    else:  # dance: int(3 * 0.5) = 1 random step among the 3 trainable ones per sample
+        assert rec["trained_pairs"] == 4 * 1
     assert torch.isfinite(torch.tensor(rec["loss"]))
+
+
+@pytest.mark.parametrize("select_mode", ["importance", "topk"])
+@pytest.mark.parametrize("scheme, sde", [("otca", "all"), ("tcd_only", "fraction"), ("uniform", "fraction")])
+def test_credit_guided_steps_are_chosen_once_among_the_trainable_steps(tmp_path, select_mode, scheme, sde):
+    """train.timesteps.mode: credit trains exactly the steps build_advantages chose: ⌈fraction·S⌉ of the S
+    trainable steps, each with non-zero credit (a second selection would drop some of them for others, train
+    pairs whose advantage is 0, and change the trained fraction)."""
+    cfg = cfg_of(tmp_path / "c", **{"train.max_steps": 1, "eval.enabled": False, "credit.scheme": scheme,
+                                    "sample.num_steps": 6, "sample.sde.mode": sde, "sample.sde.fraction": 0.5,
+                                    "train.timesteps.mode": "credit", "train.timesteps.fraction": 0.5,
+                                    "train.timesteps.select_mode": select_mode})
+    seen = {}
+    with Trainer(cfg) as trainer:
+        original = trainer.choose_timesteps
+
+        def spy(sde_mask, A, info):
+            out = original(sde_mask, A, info)
+            seen.update(sde_mask=sde_mask, A=A, info=info, out=out)
+            return out
+
+        trainer.choose_timesteps = spy
+        (rec,) = trainer.train()
+    index, weight, valid = seen["out"]
+    trainable = trainer.trainable_steps(seen["sde_mask"])
+    s = trainable.numel()  # all: 6 steps minus the last = 5; fraction 0.5: the first 3
+    assert s == (5 if sde == "all" else 3)
+    assert index.shape == (4, -(-s // 2)) and bool(valid.all())        # ⌈0.5·S⌉ steps per sample
+    assert torch.equal(index, seen["info"]["index"])                   # the steps build_advantages chose
+    assert bool(torch.isin(index, trainable).all())
+    A = seen["A"]
+    assert bool((A.gather(1, index) != 0).all())                       # no trained pair without credit
+    off = torch.ones_like(A, dtype=torch.bool).scatter_(1, index, False)
+    assert bool((A[off] == 0).all())                                   # no credit off the trained pairs
+    assert rec["trained_pairs"] == index.numel()
+    assert rec["credit/trained_steps_per_sample"] == index.shape[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ of Σ_k λ_k R_k):
 =============== ==========================================================================================
 
 ``config.select_fraction`` adds credit-guided timestep selection to every scheme but ``dance`` and
-``window`` (which choose their own steps): M = ⌈fraction·T⌉ steps per sample, chosen by |A[n, t]|,
-the rest set to 0 and the importance weights folded into A.
+``window`` (which choose their own steps): M = ⌈fraction·S⌉ of the S trainable steps per sample (all T
+unless ``trainable`` says otherwise), chosen by |A[n, t]|, the rest set to 0 and the importance weights
+folded into A. This is the one place that selects: a trainer trains ``info["index"]`` with
+``info["weight"]`` and does not select again.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
                      step_rewards: torch.Tensor | None = None, sigmas: torch.Tensor | None = None,
                      config: ConfigLike = None, generator: torch.Generator | None = None,
                      progress: float | None = None, window: tuple[int, int] | None = None,
-                     cosines: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                     cosines: torch.Tensor | None = None,
+                     trainable: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Per-step advantages ``A [N, T]`` (float32) of ``scheme`` and an ``info`` dict to log and plot.
 
     ``rewards`` ``[N, K]`` (or ``[N]``), ``group_ids`` ``[N]`` integer group labels. By scheme:
@@ -111,6 +114,14 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     config for ``otca``, ``tcd_only`` and ``otca_timing``; ``source="x0_pred"`` for ``coca``). Given, it
     stands in for ``latents`` and ``x0_preds``: a distributed trainer computes it on the rank that holds
     the trajectories and gathers only these numbers.
+
+    ``trainable`` ``[T]`` (or ``[N, T]``) bool: the steps a trainer can train (e.g. the SDE steps of a
+    rollout that is ODE elsewhere, minus the last). The credit then lives on them alone: A is 0
+    elsewhere; the normalised step credit of ``otca``, ``tcd_only`` and ``otca_timing`` is renormalised
+    over them (mean 1, or sum 1, over the trainable steps, so credit earned on an untrainable step is
+    shared out over the trainable ones instead of being lost); ``dance`` draws its steps among them;
+    and credit-guided selection picks ⌈fraction·S⌉ of the S trainable steps. Without it every step
+    counts as trainable.
 
     ``info``: ``scheme``; ``num_steps``; ``advantages`` ẑ ``[N, K]`` (clipped per-objective group
     z-scores); ``c`` ``[N, K]`` objective mix; ``w`` ``[N, T]`` or ``[N, T, K]`` step credit;
@@ -139,7 +150,8 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     else:
         static_c = torch.full((n, k), 1.0 / k, device=device)
     info: dict[str, Any] = {"scheme": scheme, "num_steps": num_steps, "advantages": zhat}
-    train_mask = torch.ones(n, num_steps, dtype=torch.bool, device=device)
+    allowed = _trainable_mask(trainable, n, num_steps, device)
+    train_mask = allowed.clone()
 
     def static_mix() -> torch.Tensor:
         return ops.group_advantages(rewards, group_ids, weights=objective_weights, std=cfg.std,
@@ -153,13 +165,16 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     def tcd(name: str) -> torch.Tensor:
         if cosines is not None:
             info["cosines"] = cosines
-            return tcd_weights(cosines, eps=cfg.eps, normalize=cfg.normalize)
+            return on_trainable(tcd_weights(cosines, eps=cfg.eps, normalize=cfg.normalize))
         if latents is None:
             raise ValueError(f"latents: scheme {name!r} needs the trajectory latents [N, T+1, ...], got None")
         cos = state_cosines(latents, source=cfg.source, x0_preds=x0_preds, per_frame=cfg.per_frame,
                             frame_dim=cfg.frame_dim)
         info["cosines"] = cos
-        return tcd_weights(cos, eps=cfg.eps, normalize=cfg.normalize)
+        return on_trainable(tcd_weights(cos, eps=cfg.eps, normalize=cfg.normalize))
+
+    def on_trainable(w: torch.Tensor) -> torch.Tensor:
+        return renormalize_on(w, allowed, cfg.normalize) if trainable is not None else w
 
     if scheme == "uniform":
         w = torch.ones(n, num_steps, device=device)
@@ -172,11 +187,13 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         # ratio inside the clip range that is exactly the loss of the mixed clipped advantages.
         # info["advantages"] keeps the per-objective ẑ for a trainer that wants separate surrogates.
         mixed = (c * zhat).sum(1)
-        chosen = max(1, int(num_steps * cfg.dance_fraction))
+        # int(fraction·S) random steps among the S trainable ones of each sample
+        chosen = (allowed.sum(1) * cfg.dance_fraction).long().clamp_min(1)
         rng_device = generator.device if generator is not None else device
-        draws = torch.rand(n, num_steps, generator=generator, device=rng_device)
-        order = draws.argsort(1)[:, :chosen].to(device)
-        train_mask = torch.zeros(n, num_steps, dtype=torch.bool, device=device).scatter_(1, order, True)
+        draws = torch.rand(n, num_steps, generator=generator, device=rng_device).to(device)
+        draws = torch.where(allowed, draws, torch.full_like(draws, 2.0))  # untrainable steps sort last
+        rank = draws.argsort(1).argsort(1)
+        train_mask = (rank < chosen[:, None]) & allowed
         w = train_mask.float()
         adv = mixed[:, None] * w
     elif scheme == "tempflow":
@@ -221,7 +238,7 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
                              "the states of evaluation_states(T, timing_every)), got None")
         full = _full_step_rewards(step_rewards, num_steps, cfg.timing_every)
         info["step_rewards"] = full
-        w = objective_timing_credit(full, eps=cfg.eps, normalize=cfg.normalize)
+        w = on_trainable(objective_timing_credit(full, eps=cfg.eps, normalize=cfg.normalize))
         if cfg.timing_blend > 0:
             w = (1.0 - cfg.timing_blend) * w + cfg.timing_blend * tcd("otca_timing").to(w.dtype)[:, :, None]
         adv = credit(w, "moca")
@@ -235,11 +252,13 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         adv = credit(w, "moca")
         c = objective_credit(zhat, exploration=cfg.exploration)
 
-    adv = adv.float().contiguous()
+    adv = (adv.float() * train_mask).contiguous()  # no credit where nothing is trained
     if cfg.select_fraction is not None:
-        index, weight = select_timesteps(adv.abs(), cfg.select_fraction, mode=cfg.select_mode,
-                                         generator=generator)
-        selected = torch.zeros_like(adv).scatter_(1, index, adv.gather(1, index) * weight.float())
+        index, weight = _select_among(adv.abs(), allowed, cfg.select_fraction, cfg.select_mode, generator)
+        # clipped to ±adv_clip_max *before* the importance weights (a trainer must not clip A again: that
+        # would clip the weighted values and bias the estimate)
+        clipped = adv.gather(1, index).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        selected = torch.zeros_like(adv).scatter_(1, index, clipped * weight.float())
         train_mask = torch.zeros_like(train_mask).scatter_(1, index, True)
         adv = selected
         info["index"], info["weight"] = index, weight
@@ -251,6 +270,45 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
+
+def _trainable_mask(trainable: torch.Tensor | None, n: int, num_steps: int, device: torch.device) -> torch.Tensor:
+    """``[N, T]`` bool: ``trainable`` (``[T]`` or ``[N, T]``) broadcast, every step when None."""
+    if trainable is None:
+        return torch.ones(n, num_steps, dtype=torch.bool, device=device)
+    if not isinstance(trainable, torch.Tensor):
+        raise TypeError(f"trainable: expected a bool tensor [T] or [N, T], got {type(trainable).__name__}")
+    if trainable.dtype != torch.bool or tuple(trainable.shape) not in ((num_steps,), (n, num_steps)):
+        raise ValueError(f"trainable: expected a bool tensor [T] or [N, T] with T = {num_steps}, N = {n}, got "
+                         f"{trainable.dtype} of shape {tuple(trainable.shape)}")
+    mask = trainable.to(device).expand(n, num_steps).contiguous()
+    empty = ~mask.any(1)
+    if bool(empty.any()):
+        raise ValueError(f"trainable: sample {int(empty.nonzero()[0, 0])} has no trainable step")
+    return mask
+
+
+def renormalize_on(w: torch.Tensor, allowed: torch.Tensor, normalize: str = "mean") -> torch.Tensor:
+    """Step credit ``w`` ``[N, T]`` or ``[N, T, K]`` restricted to the ``allowed`` ``[N, T]`` steps and
+    normalised again over them: mean 1 over the allowed steps (``"mean"``) or sum 1 (``"sum"``), 0 elsewhere.
+    Credit earned on a step nobody trains is then shared out over the trained ones in proportion, not lost."""
+    mask = allowed.to(w.dtype) if w.dim() == 2 else allowed.to(w.dtype).unsqueeze(-1)
+    kept = w * mask
+    total = kept.sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    scale = mask.sum(1, keepdim=True) if normalize == "mean" else torch.ones_like(total)
+    return kept / total * scale
+
+
+def _select_among(credit: torch.Tensor, allowed: torch.Tensor, fraction: float, mode: str,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_timesteps` over each row's allowed steps: ⌈fraction·S⌉ of its S allowed steps
+    (absolute step indices, sorted; the same S on every row, as the trainer's masks have)."""
+    counts = allowed.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError("trainable: credit-guided selection needs the same number of trainable steps on every row")
+    s = int(counts[0])
+    steps = allowed.nonzero()[:, 1].view(credit.shape[0], s)                   # [N, S] absolute, ascending
+    local, weight = select_timesteps(credit.gather(1, steps), fraction, mode=mode, generator=generator)
+    return steps.gather(1, local), weight
 
 def _weights(name: str, values: Sequence[float] | None, k: int) -> list[float] | None:
     if values is None:

@@ -27,7 +27,9 @@ Verdicts (each ``[B]`` float, 1 = pass), at the world's 32 px scale (distances i
 frame):
 
 ================  ==========================================================================================
-``background``    ≥ 90 % of the estimated background is within 0.15 (every channel) of the prompt's
+``background``    plain: ≥ 90 % of the estimated background within 0.15 (every channel) of the prompt's level;
+                  textured: its pattern correlates ≥ 0.6 with the prompt's in some phase, at its mean level
+                  within 0.1
 ``object``        every frame holds an object of ≥ 12 px, and no second one (a component ≥ 10 px or ≥ 25 %
                   of the largest)
 ``colour``        the object's interior colour is nearest the prompted palette colour, within 0.3, in
@@ -49,13 +51,14 @@ specks, inflated) fails its verdict (pass rate ≤ 0.05).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from otca_fast.rewards.registry import check_frames, register_metric
-from otca_fast.toy.world import COLOURS, DIRECTIONS, background_image, parse_prompt
+from otca_fast.toy.world import COLOURS, DIRECTIONS, PLAIN_BACKGROUNDS, background_image, parse_prompt
 
 __all__ = ["VERDICTS", "EXAM_NAME", "ClipReading", "read_clips", "exam_verdicts", "shapes_exam"]
 
@@ -75,6 +78,9 @@ _MIN_TRAVEL_PX = 3.0
 _SIDE_RANGE_PX = (7.0, 14.0)
 _BACKGROUND_TOLERANCE = 0.15
 _BACKGROUND_SHARE = 0.9
+_TEXTURE_CORRELATION = 0.6
+_TEXTURE_LEVEL = 0.1
+_TEXTURE_PERIOD = 8         # the world's textures repeat every 8 px (4 px checker cells; stripes every 4 px)
 _BACKGROUND_MIN_FRAMES = 3
 _CLEAN_RMS = 0.04
 _SPECK_LEVEL = 0.2
@@ -267,12 +273,36 @@ def _moves_as_prompted(r: ClipReading) -> torch.Tensor:
 
 
 def _background_matches(r: ClipReading) -> torch.Tensor:
+    """Plain backgrounds: most pixels within 0.15 of the prompt's level. Textures: the same pattern, in any
+    phase (the best normalised cross-correlation with a translation of the prompt's texture) at the same
+    mean level. A texture is judged by its pattern because soft edges between its cells (every pixel on a
+    cell edge off by ~0.2) and a shifted phase are still the prompted texture to a person, while each wrong
+    cell lowers the correlation (20 % of the cells flipped: 0.6) and any other background of the world
+    correlates at most 0 (stripes against checks, a plain gray)."""
     seen = r.background_frames >= _BACKGROUND_MIN_FRAMES                        # [B, H, W]
-    off = (r.background - r.expected_background).abs().amax(1)                  # NaN where never seen
-    match = (off <= _BACKGROUND_TOLERANCE) & seen
-    share = match.flatten(1).sum(1) / seen.flatten(1).sum(1).clamp_min(1)
     enough = seen.flatten(1).float().mean(1) >= 0.5
-    return enough & (share >= _BACKGROUND_SHARE)
+    off = (r.background - r.expected_background).abs().amax(1)                  # NaN where never seen
+    share = ((off <= _BACKGROUND_TOLERANCE) & seen).flatten(1).sum(1) / seen.flatten(1).sum(1).clamp_min(1)
+    plain = share >= _BACKGROUND_SHARE
+    weight = seen.flatten(1).float()
+    n = weight.sum(1).clamp_min(1)
+    got = r.background.nan_to_num(0.0).mean(1).flatten(1)
+    got_mean = (got * weight).sum(1) / n
+    dg = (got - got_mean[:, None]) * weight
+    correlation = torch.full_like(got_mean, -1.0)
+    level = torch.zeros_like(got_mean)
+    h, w = r.expected_background.shape[-2:]
+    # any phase of the texture is the texture: the best correlation over the translations of one period
+    for dy, dx in itertools.product(range(min(h, _TEXTURE_PERIOD)), range(min(w, _TEXTURE_PERIOD))):
+        want = r.expected_background.mean(1).roll((dy, dx), (-2, -1)).flatten(1)
+        want_mean = (want * weight).sum(1) / n
+        dw = (want - want_mean[:, None]) * weight
+        c = (dg * dw).sum(1) / ((dg.square().sum(1) * dw.square().sum(1)).sqrt().clamp_min(1e-6))
+        better = c > correlation
+        correlation, level = torch.where(better, c, correlation), torch.where(better, want_mean, level)
+    texture = (correlation >= _TEXTURE_CORRELATION) & ((got_mean - level).abs() <= _TEXTURE_LEVEL)
+    textured = torch.tensor([s.background not in PLAIN_BACKGROUNDS for s in r.specs])
+    return enough & torch.where(textured, texture, plain)
 
 
 def _clean(r: ClipReading) -> torch.Tensor:

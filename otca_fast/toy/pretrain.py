@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the transformer outputs (x0: JiT x-prediction; the adapter always returns v)")
     p.add_argument("--sigma-mean", type=float, default=0.8, help="σ = sigmoid(n), n ~ N(mean, std)")
     p.add_argument("--sigma-std", type=float, default=0.8)
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from the weights in this directory (written by this command) instead of a random "
+                        "initialisation; the architecture, schedule and tokenizer are taken from there, and its "
+                        "record is kept under 'continued_from'")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-steps", type=int, default=20, help="ODE steps for the final evaluation samples")
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 3.0],
@@ -120,8 +124,12 @@ def pretrain(args: PretrainArgs, *, log=None) -> tuple[ShapesModel, dict]:
     world = WorldConfig()
     arch = {"patch_size": tuple(args.patch), "num_attention_heads": args.heads, "attention_head_dim": args.head_dim,
             "ffn_dim": args.ffn, "num_layers": args.layers}
-    model = ShapesModel.from_config(transformer=arch, world=world, shift=args.shift, prediction=args.prediction,
-                                    seed=args.seed)
+    if args.init is not None:
+        model = ShapesModel.load(args.init)
+        torch.manual_seed(args.seed)
+    else:
+        model = ShapesModel.from_config(transformer=arch, world=world, shift=args.shift, prediction=args.prediction,
+                                        seed=args.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
@@ -189,6 +197,9 @@ def pretrain(args: PretrainArgs, *, log=None) -> tuple[ShapesModel, dict]:
             "text_encoder": sum(p.numel() for p in trained.text_encoder.parameters()),
         },
     }
+    if args.init is not None:  # the chain of runs that made these weights, oldest last
+        previous = ShapesModel.load(args.init).meta
+        record["continued_from"] = [previous["made_by"], *previous.get("continued_from", [])]
     return trained, record
 
 

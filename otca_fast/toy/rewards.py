@@ -22,13 +22,20 @@ Then (``scale`` = min(H, W) / 32 converts the pixel constants, tuned at 32x32):
   direction: softmax over the four directions of <D, u_k>/(2·scale), D the clip's displacement from a
   least-squares line through the centroid track, at the prompt's direction.
   Frames without an object count as 0.
-* **motion** ∈ [0, 1] = moving · continuity · steady · coherent · consistent (every condition must hold):
+* **scale**, a factor of motion and of quality: the world's objects have a bounding-box side of 9 to 12 px;
+  the object's side is read from its area and the prompted shape's fill (side = √(area / fill), fill 1,
+  π/4, 1/2 for square, circle, triangle), and a side outside [9, 12]·scale is discounted by
+  exp(−(distance / 1.5·scale)²) per frame. Without it the per-object statistics below (steadiness,
+  consistency, coherence, a clean rim) all improve as an object grows, and RL inflated the objects to
+  twice the world's largest (the shapes exam, ``otca_fast.toy.exam``, showed it; the rewards did not).
+* **motion** ∈ [0, 1] = moving · continuity · steady · coherent · consistent · scale (every condition must hold):
   moving = min(1, |velocity| / (0.75·scale px/frame)) (a still clip scores 0); continuity = share of
   consecutive frame pairs that both show the object (an object that blinks on and off scores 0);
   steady = exp(−(rms residual of the track about its line / 0.5·scale)²) (jitter and acceleration);
   coherent = mean coherence over the frames (one object, not fragments);
-  consistent = exp(−(cv of the area / 0.15)²)·exp(−(std of the colour / 0.1)²).
-* **quality** ∈ [0, 1] = mean over frames of (clean · flat · sharp)^(1/3):
+  consistent = exp(−(cv of the area / 0.15)²)·exp(−(std of the colour / 0.1)²); scale = its mean over the
+  frames that show the object.
+* **quality** ∈ [0, 1] = mean over frames of (clean · flat · sharp)^(1/3) · scale:
   clean = exp(−mean |frame − background| outside the object / 0.04) (stray blobs, smear trails, noise);
   flat = exp(−std of the object's interior colour / 0.05) (noise on the object; the world's objects are
   flat colour); sharp = exp(−max(0, band/√area − 4.5) / 2.5), band = the number of partially covered
@@ -63,7 +70,7 @@ from otca_fast.toy.world import (
 )
 
 __all__ = ["ClipAnalysis", "analyse_clips", "alignment_score", "motion_score", "quality_score",
-           "alignment_terms", "motion_terms", "quality_terms", "REWARD_NAMES"]
+           "alignment_terms", "motion_terms", "quality_terms", "scale_terms", "REWARD_NAMES"]
 
 REWARD_NAMES = {"alignment": "shapes_alignment", "motion": "shapes_motion", "quality": "shapes_quality"}
 
@@ -80,6 +87,8 @@ _CLEAN_SCALE = 0.04
 _FLAT_SCALE = 0.05
 _BAND_RATIO = 4.5
 _BAND_SCALE = 2.5
+_SIDE_RANGE = (9.0, 12.0)      # pixels at 32x32: the world's bounding-box sides (WorldConfig.size_range)
+_SIDE_SCALE = 1.5              # pixels at 32x32
 
 _PALETTE = torch.tensor(list(COLOURS.values()))                # [K, 3]
 _UNITS = torch.tensor(list(DIRECTIONS.values()))               # [4, 2]
@@ -215,6 +224,16 @@ def _shape_iou(a: ClipAnalysis) -> torch.Tensor:
     return inter / union
 
 
+def scale_terms(a: ClipAnalysis) -> torch.Tensor:
+    """``[B, F]``: 1 while the object's side (from its area and the prompted shape's fill) lies in the world's
+    range, discounted outside it; 0 where a frame shows no object."""
+    fill = torch.tensor([SHAPE_AREA[s.shape] for s in a.specs]).view(-1, 1)
+    side = (a.area / fill).sqrt()
+    lo, hi = (v * a.scale for v in _SIDE_RANGE)
+    outside = (side - hi).clamp_min(0) + (lo - side).clamp_min(0)
+    return torch.exp(-(outside / (_SIDE_SCALE * a.scale)).square()) * a.present
+
+
 def _target_probability(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
@@ -264,14 +283,15 @@ def motion_terms(frames: torch.Tensor, prompts: Sequence[str],
     consistent = (torch.exp(-(area_std / area_mean.clamp_min(1e-6) / _AREA_CV_SCALE).square())
                   * torch.exp(-(colour_dev / _COLOUR_STD_SCALE).square())) * valid
     continuity = (present[:, 1:] * present[:, :-1]).mean(1)
+    scale = scale_terms(a).sum(1) / n
     return {"moving": moving, "continuity": continuity, "steady": steady, "coherent": coherent,
-            "consistent": consistent}
+            "consistent": consistent, "scale": scale}
 
 
 def motion_score(frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """One coherent object moving smoothly at a steady, non-zero velocity: ``[B]`` in [0, 1]."""
+    """One coherent object of the world's size moving smoothly at a steady, non-zero velocity: ``[B]`` in [0, 1]."""
     t = motion_terms(frames, prompts)
-    return (t["moving"] * t["continuity"] * t["steady"] * t["coherent"] * t["consistent"]).float()
+    return (t["moving"] * t["continuity"] * t["steady"] * t["coherent"] * t["consistent"] * t["scale"]).float()
 
 
 def quality_terms(frames: torch.Tensor, prompts: Sequence[str],
@@ -289,8 +309,10 @@ def quality_terms(frames: torch.Tensor, prompts: Sequence[str],
     band = ((a.alpha > 0.1) & (a.alpha < 0.9)).float().sum((-1, -2))
     ratio = band / a.area.clamp_min(1e-6).sqrt()
     sharp = torch.exp(-(ratio - _BAND_RATIO).clamp_min(0) / _BAND_SCALE) * present
-    per_frame = (clean * flat * sharp).pow(1 / 3)
-    return {"clean": clean.mean(1), "flat": flat.mean(1), "sharp": sharp.mean(1), "quality": per_frame.mean(1)}
+    scale = scale_terms(a)
+    per_frame = (clean * flat * sharp).pow(1 / 3) * scale
+    return {"clean": clean.mean(1), "flat": flat.mean(1), "sharp": sharp.mean(1), "scale": scale.mean(1),
+            "quality": per_frame.mean(1)}
 
 
 def quality_score(frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -310,7 +332,7 @@ def shapes_alignment() -> RewardFn:
 
 @register_reward(REWARD_NAMES["motion"], role="motion", cheap=True)
 def shapes_motion() -> RewardFn:
-    """One coherent object moving smoothly at a steady, non-zero velocity (shapes world, pixels only)."""
+    """One coherent object of the world's size moving smoothly at a steady, non-zero velocity (pixels only)."""
     return motion_score
 
 
