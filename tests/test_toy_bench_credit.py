@@ -1,4 +1,5 @@
-"""The credit benchmark's --quick mode runs every requested scheme end to end and writes its report."""
+"""The credit benchmark: its --quick mode runs every variant end to end and writes both tables; its
+statistics pair the runs by seed."""
 
 from __future__ import annotations
 
@@ -7,72 +8,97 @@ import json
 import pytest
 
 from otca_fast.bench_credit import (
-    ABLATIONS,
-    FULL_BUDGET,
+    COMPUTE_TABLE,
+    CREDIT_TABLE,
+    HEADLINE,
     OBJECTIVES,
-    SCHEMES,
     SECTION_HEADING,
+    VARIANTS,
     bench_config,
+    compute_rows,
     main,
     merge_section,
     summarise,
+    time_to_target,
 )
 
 
-@pytest.mark.parametrize("jobs, schemes", [(1, ["uniform", "otca"]), (2, list(SCHEMES + ABLATIONS))])
-def test_quick_benchmark_trains_each_scheme_and_writes_the_table(tmp_path, jobs, schemes):
+@pytest.mark.parametrize("jobs, variants", [(1, ["uniform", "otca λ=0", "credit 0.5 importance", "window 1"]),
+                                            (2, list(VARIANTS))])
+def test_quick_benchmark_trains_each_variant_and_writes_both_tables(tmp_path, jobs, variants):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\n## Another benchmark\n\nkeep me\n")
-    # jobs=2: every scheme and ablation, in two worker processes; the table keeps the order of --schemes
-    assert main(["--quick", "--schemes", *schemes, "--jobs", str(jobs), "--out", str(tmp_path / "runs"),
+    assert main(["--quick", "--schemes", *variants, "--jobs", str(jobs), "--out", str(tmp_path / "runs"),
                  "--results", str(results)]) == 0
     text = results.read_text()
-    assert all(f"| {scheme} | 1 |" in text for scheme in schemes)
     assert text.startswith("# Benchmark results") and "keep me" in text and SECTION_HEADING in text
-    assert "shipped shapes base" in text
+    assert all(f"| {v} | 1 |" in text for v in variants)
+    assert "### Which credit makes better clips" in text and "### Credit that saves compute" in text
     assert (tmp_path / "credit_benchmark.png").stat().st_size > 0
     runs = json.loads((tmp_path / "credit_benchmark.json").read_text())
-    assert [r["scheme"] for r in runs] == schemes
-    # every scheme starts from the same base model and the same evaluation noise
-    assert all(run["base"] == runs[0]["base"] for run in runs)
+    assert [r["variant"] for r in runs] == variants
+    base = runs[0]["evaluations"][0]["values"]
+    assert HEADLINE in base and all(f"reward/{o}" in base for o in OBJECTIVES)
     for run in runs:
-        assert set(run["final"]) == set(OBJECTIVES)
-        assert all(0.0 <= v <= 1.0 for v in run["final"].values())
-        # each run leaves its record beside its metrics
-        saved = json.loads((tmp_path / "runs" / f"{run['scheme']}_seed0" / "bench_result.json").read_text())
-        assert saved == run
+        # every variant starts from the same base and scores the same clips' noise
+        assert run["evaluations"][0]["values"] == base
+        assert run["evaluations"][-1]["step"] == run["steps"] == 1
+        assert all(0.0 <= v <= 1.0 for v in run["evaluations"][-1]["values"][HEADLINE])
+        saved = tmp_path / "runs" / f"{run['variant'].replace(' ', '_').replace('=', '')}_seed0" / "bench_result.json"
+        assert json.loads(saved.read_text()) == run
 
 
-def test_every_scheme_shares_the_budget_and_only_the_scheme_and_seed_differ(tmp_path):
+def test_variants_share_the_budget_and_change_only_what_they_name(tmp_path):
     a = bench_config("uniform", 0, tmp_path / "a")
-    b = bench_config("otca_timing", 2, tmp_path / "b")
-    assert a.credit.scheme == "uniform" and b.credit.scheme == "otca_timing"
+    b = bench_config("otca λ=0.5", 2, tmp_path / "b")
+    assert (a.credit.scheme, b.credit.scheme) == ("uniform", "otca") and b.credit.exploration == 0.5
     assert (a.run.seed, b.run.seed) == (0, 2)
-    assert a.model.family == b.model.family == "shapes" and a.model.path is None and not a.model.tiny
-    assert [r.name for r in a.rewards] == list(OBJECTIVES)
-    for section in ("sample", "optimizer", "data", "eval"):
+    assert a.model.family == "shapes" and a.model.path is None and not a.model.tiny
+    assert [r.name for r in a.rewards] == list(OBJECTIVES) and [m.name for m in a.eval.metrics] == ["shapes_exam"]
+    for section in ("sample", "optimizer", "data", "eval", "train"):
         assert getattr(a, section) == getattr(b, section), section
-    assert a.train.max_steps == b.train.max_steps == FULL_BUDGET["train.max_steps"]
-    # the user's --set overrides apply to every scheme alike, after the benchmark's own budget
-    c = bench_config("coca", 1, tmp_path / "c", overrides=["train.max_steps=7"])
-    assert c.train.max_steps == 7
-    # window's SDE steps are its own window, so the rollout leaves every step eligible
-    assert bench_config("window", 0, tmp_path / "w").sample.sde.mode == "all"
-    assert a.sample.sde.mode == b.sample.sde.mode == "fraction"
+    credit = bench_config("credit 0.25 topk", 0, tmp_path / "c")
+    assert (credit.train.timesteps.mode, credit.train.timesteps.fraction, credit.train.timesteps.select_mode) == \
+        ("credit", 0.25, "topk")
+    window = bench_config("window 2", 0, tmp_path / "w")
+    assert window.credit.window_size == 2 and window.sample.sde.mode == "all"
+    assert a.sample.sde.mode == "fraction"
+    assert bench_config("coca", 1, tmp_path / "d", overrides=["train.max_steps=7"]).train.max_steps == 7
+    assert set(CREDIT_TABLE) | set(COMPUTE_TABLE) == set(VARIANTS)
     with pytest.raises(ValueError, match="scheme"):
-        bench_config("best_of_n", 0, tmp_path / "c")
+        bench_config("best_of_n", 0, tmp_path / "e")
 
 
-def test_summary_averages_gains_per_seed_then_over_seeds():
-    base = dict.fromkeys(OBJECTIVES, 0.5)
-    runs = [{"scheme": "otca", "seed": s, "wall_seconds": 10.0 + s, "steps": 1, "base": base,
-             "final": {k: 0.5 + 0.1 * (s + 1) * (i + 1) for i, k in enumerate(OBJECTIVES)}} for s in range(2)]
-    (row,) = summarise(runs)
-    # seed 0 gains 0.1, 0.2, 0.3 (avg 0.2); seed 1 gains 0.2, 0.4, 0.6 (avg 0.4)
-    assert row["avg_gain"][0] == pytest.approx(0.3)
-    assert row["avg_gain"][1] == pytest.approx(0.1414, abs=1e-4)
-    assert row["shapes_alignment_gain"][0] == pytest.approx(0.15)
-    assert row["wall_seconds"][0] == pytest.approx(10.5)
+def _run(variant, seed, finals, base=0.2, seconds=(10.0, 20.0)):
+    """A synthetic run: all-correct per prompt at step 0 and at two evaluations."""
+    def ev(step, value, t):
+        return {"step": step, "train_seconds": t, "values": {HEADLINE: [value] * 4,
+                                                             "reward/shapes_quality": [value / 2] * 4}}
+    return {"variant": variant, "seed": seed, "steps": 2, "train_seconds": seconds[-1],
+            "evaluations": [ev(0, base, 0.0), ev(1, finals[0], seconds[0]), ev(2, finals[1], seconds[1])]}
+
+
+def test_summary_pairs_each_variant_with_uniform_by_seed():
+    runs = [_run("uniform", s, (0.2, 0.3 + 0.1 * s)) for s in range(3)]
+    runs += [_run("otca", s, (0.3, 0.35 + 0.1 * s)) for s in range(3)]  # +0.05 on every seed
+    rows = {r["variant"]: r for r in summarise(runs)}
+    assert rows["uniform"]["vs_reference"][HEADLINE] is None
+    diff = rows["otca"]["vs_reference"][HEADLINE]
+    assert diff.mean == pytest.approx(0.05) and diff.lo == pytest.approx(0.05) and diff.above_zero
+    assert rows["otca"]["gain"][HEADLINE][0] == pytest.approx(0.25)  # gains 0.15, 0.25, 0.35
+    assert rows["otca"]["gain"][HEADLINE][1] == pytest.approx(0.1)
+
+
+def test_time_to_target_and_the_compute_ratio():
+    uniform = [_run("uniform", s, (0.25, 0.4)) for s in range(2)]
+    fast = [_run("credit 0.5 importance", s, (0.45, 0.5), seconds=(4.0, 8.0)) for s in range(2)]
+    slow = [_run("window 1", 0, (0.3, 0.35), seconds=(3.0, 6.0))]
+    assert time_to_target(fast[0], 0.4) == 4.0 and time_to_target(slow[0], 0.4) is None
+    rows = {r["variant"]: r for r in compute_rows(uniform + fast + slow, ["credit 0.5 importance", "window 1"])}
+    assert rows["uniform"]["ratio"].mean == pytest.approx(1.0)
+    assert rows["credit 0.5 importance"]["ratio"].mean == pytest.approx(0.2)  # 4 s of uniform's 20 s
+    assert rows["credit 0.5 importance"]["step_time_ratio"] == pytest.approx(0.4)
+    assert rows["window 1"]["reached"] == 0 and rows["window 1"]["missed"] == [0] and rows["window 1"]["ratio"] is None
 
 
 def test_merge_section_replaces_only_its_own_section():
@@ -83,7 +109,7 @@ def test_merge_section_replaces_only_its_own_section():
     assert merge_section("# R\n", "## S\n") == "# R\n\n## S\n"
 
 
-def test_reuse_merges_an_earlier_runs_schemes_in_canonical_order(tmp_path):
+def test_reuse_merges_an_earlier_invocations_runs_in_canonical_order(tmp_path):
     first, second = tmp_path / "first" / "RESULTS.md", tmp_path / "second" / "RESULTS.md"
     assert main(["--quick", "--jobs", "1", "--schemes", "otca", "--out", str(tmp_path / "a"),
                  "--results", str(first)]) == 0
@@ -91,8 +117,7 @@ def test_reuse_merges_an_earlier_runs_schemes_in_canonical_order(tmp_path):
     assert main(["--quick", "--jobs", "1", "--schemes", "uniform", "--out", str(tmp_path / "b"),
                  "--results", str(second), "--reuse", str(first.with_name("credit_benchmark.json"))]) == 0
     runs = json.loads(second.with_name("credit_benchmark.json").read_text())
-    assert [r["scheme"] for r in runs] == ["uniform", "otca"]
-    earlier = json.loads(first.with_name("credit_benchmark.json").read_text())
-    assert runs[1] == earlier[0]
+    assert [r["variant"] for r in runs] == ["uniform", "otca"]
+    assert runs[1] == json.loads(first.with_name("credit_benchmark.json").read_text())[0]
     text = second.read_text()
     assert text.index("| uniform | 1 |") < text.index("| otca | 1 |")
