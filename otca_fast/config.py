@@ -178,6 +178,13 @@ class SampleConfig(_Section):
         return self
 
 
+def logged_name(spec: RewardSpec | MetricSpec) -> str:
+    """The name a reward or metric is logged under: its own, or for ``remote`` the served reward's."""
+    if spec.name == "remote" and isinstance(spec.options.get("reward"), str):
+        return spec.options["reward"]
+    return spec.name
+
+
 class RewardSpec(_Section):
     """One reward: a registry name or a dotted path 'package.module:callable'."""
 
@@ -303,7 +310,7 @@ class EvalConfig(_Section):
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v: list[MetricSpec]) -> list[MetricSpec]:
-        names = [m.name for m in v]
+        names = [logged_name(m) for m in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each metric may appear once (it is logged by name), got duplicates {dup}")
@@ -437,7 +444,7 @@ class Config(_Section):
     def _rewards(cls, v: list[RewardSpec]) -> list[RewardSpec]:
         if not v:
             raise ValueError("expected at least one reward ({name, weight, options})")
-        names = [r.name for r in v]
+        names = [logged_name(r) for r in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each reward may appear once (metrics are keyed by name), got duplicates {dup}")
@@ -454,7 +461,7 @@ class Config(_Section):
         if self.eval.enabled and not self.data.eval_prompts and self.data.eval_prompt_file is None:
             raise ValueError("data.eval_prompts: evaluation is on (eval.enabled) but there are no held-out prompts; "
                              "give data.eval_prompts / data.eval_prompt_file or set eval.enabled: false")
-        trained = sorted({r.name for r in self.rewards} & {m.name for m in self.eval.metrics})
+        trained = sorted({logged_name(r) for r in self.rewards} & {logged_name(m) for m in self.eval.metrics})
         if trained:
             raise ValueError(f"eval.metrics: {trained} {'is' if len(trained) == 1 else 'are'} also under rewards:; an "
                              f"eval metric is a judge the trainer never optimises (trained rewards are evaluated "

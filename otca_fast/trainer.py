@@ -267,13 +267,14 @@ class Trainer:
 
         if cfg.model.family == "shapes" or any(r.name.startswith("shapes_")
                                                for r in [*cfg.rewards, *cfg.eval.metrics]):
-            import otca_fast.toy.exam  # noqa: F401  (registers the eval-only shapes_exam)
-            import otca_fast.toy.rewards  # noqa: F401  (registers shapes_alignment / _motion / _quality)
+            from otca_fast.toy import register_toy_rewards
+
+            register_toy_rewards()
         self.rewards = []
         for i, spec in enumerate(cfg.rewards):
             try:
                 reward = build_reward(spec.name, **spec.options)
-            except (TypeError, ValueError, ImportError) as e:
+            except (TypeError, ValueError, ImportError, ConnectionError) as e:   # a reward server that is down
                 raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
             if reward.eval_only:
                 raise ConfigError(f"rewards[{i}] ({spec.name}): an eval-only metric is never trained on (a judge the "
@@ -283,9 +284,15 @@ class Trainer:
         for i, spec in enumerate(cfg.eval.metrics):
             try:
                 self.eval_metrics.append(build_reward(spec.name, **spec.options))
-            except (TypeError, ValueError, ImportError) as e:
+            except (TypeError, ValueError, ImportError, ConnectionError) as e:
                 raise ConfigError(f"eval.metrics[{i}] ({spec.name}): {e}") from None
         self.reward_names = [r.name for r in self.rewards]
+        # metrics are keyed by the built names (a remote reward takes its served reward's name)
+        built = self.reward_names + [m.name for m in self.eval_metrics]
+        dup = sorted({n for n in built if built.count(n) > 1})
+        if dup:
+            raise ConfigError(f"rewards / eval.metrics: {dup} would be logged twice (a remote reward is logged under "
+                              f"the served reward's name); each reward and metric may appear once")
         self.reward_weights = [spec.weight for spec in cfg.rewards]
         if cfg.credit.scheme == "otca_timing" and not any(r.cheap for r in self.rewards):
             raise ConfigError(f"credit.scheme: otca_timing scores the rewards marked cheap on the intermediate x̂0 "
