@@ -25,8 +25,8 @@ from otca_fast.rewards import (
 from otca_fast.rewards._image import to_uint8
 
 MODEL_REWARDS = {"ocr", "clip_score", "pickscore", "hps", "laion_aesthetic"}
-# scored out of process (tests/test_reward_server.py)
-SERVED_REWARDS = {"remote"}
+# scored out of process (tests/test_reward_server.py, tests/test_vlm_judge.py)
+SERVED_REWARDS = {"remote", "vlm_judge"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ any failure or NaN/Inf into a :class:`RewardError` naming the reward, the prompt
 
 Importing this package registers the weight-free rewards (``pixel``, ``video``), the OCR reward, the
 local-weights CLIP-family rewards, and the rewards scored out of process: ``remote`` (a reward server,
-``python -m otca_fast.rewards.serve``); their heavy dependencies (rapidocr, transformers, requests) load
-only when such a reward is built or called.
+``python -m otca_fast.rewards.serve``) and ``vlm_judge`` (an OpenAI-compatible VLM endpoint); their heavy
+dependencies (rapidocr, transformers, requests) load only when such a reward is built or called.
 """
 
-from otca_fast.rewards import clip_models, ocr, pixel, remote, video  # noqa: F401  (registers the rewards)
+from otca_fast.rewards import clip_models, ocr, pixel, remote, video, vlm_judge  # noqa: F401  (registers the rewards)
 from otca_fast.rewards.registry import (
     ROLES,
     Reward,
