@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 __all__ = [
-    "Config", "RunConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
+    "Config", "RunConfig", "WandbConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
     "TrainConfig", "TimestepConfig", "LoraConfig", "EMAConfig", "OptimizerConfig", "EvalConfig",
     "DistributedConfig", "FSDPConfig",
     "ConfigError", "load_config", "parse_config", "apply_overrides", "credit_section_model", "CREDIT_SCHEMES",
@@ -66,6 +66,17 @@ class _Section(BaseModel):
 # sections
 # ------------------------------------------------------------------------------------------------
 
+class WandbConfig(_Section):
+    """Weights & Biases beside TensorBoard: the same scalars, the report images and the evaluation clips."""
+
+    project: str = Field("otca_fast", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (team or user; null = your default)")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="'online' (needs `wandb login`), 'offline' (written under output_dir/wandb or "
+                                "$WANDB_DIR; `wandb sync` later) or 'disabled'")
+    tags: list[str] = Field(default_factory=list, description="wandb run tags")
+
+
 class RunConfig(_Section):
     """Where a run writes and how it reports."""
 
@@ -78,6 +89,7 @@ class RunConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events under output_dir/tb")
     plot_every: NonNegativeInt = Field(
         10, description="redraw report/*.png every N steps (0 = only at the end of the run)")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @field_validator("device")
     @classmethod

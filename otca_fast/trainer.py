@@ -62,6 +62,7 @@ from otca_fast.evaluation import (
     sample_and_score,
 )
 from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask, share_chunks
+from otca_fast.wandb_log import ID_FILE as WANDB_ID_FILE
 
 __all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled", "add_lora_adapters", "read_prompts",
            "seed_everything"]
@@ -357,7 +358,8 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
             self.report_dir.mkdir(exist_ok=True)
             self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
-                                             resume_step=self.step if resume else None)
+                                             resume_step=self.step if resume else None, wandb=cfg.run.wandb,
+                                             run_config=cfg.model_dump(mode="json"))
         else:
             self.metrics = distributed.NullMetrics()
         self.last_credit_info: dict[str, Any] | None = None
@@ -378,7 +380,7 @@ class Trainer:
 
         for name in (ckpt.CHECKPOINT_SUBDIR, "tb", "report"):
             shutil.rmtree(self.output_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "config.yaml"):
+        for name in ("metrics.jsonl", "config.yaml", WANDB_ID_FILE):  # a new wandb run (offline runs stay)
             (self.output_dir / name).unlink(missing_ok=True)
 
     @staticmethod
@@ -1118,7 +1120,8 @@ class Trainer:
             evaluation.save(self._evaluation_file(step))
         self.metrics.log(step, record)
         for i, frames in enumerate(clips):
-            report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
+            paths = report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
+            self.metrics.add_clip(f"eval/clip_{i:02d}", paths, step, fps=cfg.eval.fps)
         return record
 
     # ============================================================================================
@@ -1133,14 +1136,17 @@ class Trainer:
 
     def write_plots(self, step: int) -> None:
         records = report.read_metrics(self.metrics.path)
-        report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png",
-                            metric_keys=self.metric_keys())
-        report.plot_training(records, self.report_dir / "training.png")
+        images = {"report/rewards": report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png",
+                                                        metric_keys=self.metric_keys()),
+                  "report/training": report.plot_training(records, self.report_dir / "training.png")}
         if self.last_credit_info is not None:
             from otca_fast.credit import plot_credit
 
-            plot_credit(self.last_credit_info, self.report_dir / f"credit_step_{step:06d}.png",
-                        objective_names=self.reward_names, title=f"credit at step {step} ({self.cfg.credit.scheme})")
+            images["report/credit"] = plot_credit(
+                self.last_credit_info, self.report_dir / f"credit_step_{step:06d}.png",
+                objective_names=self.reward_names, title=f"credit at step {step} ({self.cfg.credit.scheme})")
+        for tag, path in images.items():
+            self.metrics.add_image_file(tag, path, step)
 
     def _banner(self) -> str:
         c = self.cfg
