@@ -242,6 +242,8 @@ def test_the_command_line_checks_its_arguments(capsys):
     assert "do not fit" in capsys.readouterr().err
     assert main(["--port", "0"]) == 2
     assert "expected at least one reward" in capsys.readouterr().err
+    assert main(["--reward", "brightness", "--threads", "0", "--port", "0"]) == 2
+    assert "--threads: expected >= 1, got 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 and device, scored over HTTP by the trainer's ``remote`` reward.
 
     python -m otca_fast.rewards.serve --reward NAME [--reward NAME ...] [--options JSON] [--device DEV]
-                                      [--host 127.0.0.1] [--port 8000]
+                                      [--host 127.0.0.1] [--port 8000] [--threads N]
 
 Heavy rewards — multi-GB vision-language judges, learned video rewards, models whose dependencies
 clash with training — then run beside the trainer (another GPU, another machine, another virtualenv),
@@ -472,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests waiting beyond this many get 503 (the client retries)")
     parser.add_argument("--batch-window-ms", type=float, default=0.0,
                         help="wait this long for concurrent requests to merge (0: merge what is already waiting)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of the server (default: torch's; 1-2 when it shares a CPU with the "
+                             "trainer, so the two do not oversubscribe the cores)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -507,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.max_request_mb > 0:
             raise ValueError(f"--max-request-mb: expected > 0, got {args.max_request_mb}")
         device = _device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads: expected >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         rewards = build_served_rewards(args.rewards, parse_options(args.rewards, args.options), args.imports)
         token = os.environ.get(TOKEN_ENV) or None
         server = RewardServer(rewards, device=device, host=args.host, port=args.port, token=token,
