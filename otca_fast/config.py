@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 __all__ = [
-    "Config", "RunConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
+    "Config", "RunConfig", "WandbConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
     "TrainConfig", "TimestepConfig", "LoraConfig", "EMAConfig", "OptimizerConfig", "EvalConfig",
     "DistributedConfig", "FSDPConfig",
     "ConfigError", "load_config", "parse_config", "apply_overrides", "credit_section_model", "CREDIT_SCHEMES",
@@ -66,6 +66,17 @@ class _Section(BaseModel):
 # sections
 # ------------------------------------------------------------------------------------------------
 
+class WandbConfig(_Section):
+    """Weights & Biases beside TensorBoard: the same scalars, the report images and the evaluation clips."""
+
+    project: str = Field("otca_fast", description="wandb project")
+    entity: str | None = Field(None, description="wandb entity (team or user; null = your default)")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "disabled", description="'online' (needs `wandb login`), 'offline' (written under output_dir/wandb or "
+                                "$WANDB_DIR; `wandb sync` later) or 'disabled'")
+    tags: list[str] = Field(default_factory=list, description="wandb run tags")
+
+
 class RunConfig(_Section):
     """Where a run writes and how it reports."""
 
@@ -78,6 +89,7 @@ class RunConfig(_Section):
     tensorboard: bool = Field(True, description="write TensorBoard events under output_dir/tb")
     plot_every: NonNegativeInt = Field(
         10, description="redraw report/*.png every N steps (0 = only at the end of the run)")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @field_validator("device")
     @classmethod
@@ -176,6 +188,13 @@ class SampleConfig(_Section):
                 raise ValueError(f"sample.sde.window_range: expected lo + window_size <= hi <= num_steps "
                                  f"({self.num_steps}), got [{lo}, {hi}) with window_size {self.sde.window_size}")
         return self
+
+
+def logged_name(spec: RewardSpec | MetricSpec) -> str:
+    """The name a reward or metric is logged under: its own, or for ``remote`` the served reward's."""
+    if spec.name == "remote" and isinstance(spec.options.get("reward"), str):
+        return spec.options["reward"]
+    return spec.name
 
 
 class RewardSpec(_Section):
@@ -303,7 +322,7 @@ class EvalConfig(_Section):
     @field_validator("metrics")
     @classmethod
     def _metrics(cls, v: list[MetricSpec]) -> list[MetricSpec]:
-        names = [m.name for m in v]
+        names = [logged_name(m) for m in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each metric may appear once (it is logged by name), got duplicates {dup}")
@@ -437,7 +456,7 @@ class Config(_Section):
     def _rewards(cls, v: list[RewardSpec]) -> list[RewardSpec]:
         if not v:
             raise ValueError("expected at least one reward ({name, weight, options})")
-        names = [r.name for r in v]
+        names = [logged_name(r) for r in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"each reward may appear once (metrics are keyed by name), got duplicates {dup}")
@@ -454,7 +473,7 @@ class Config(_Section):
         if self.eval.enabled and not self.data.eval_prompts and self.data.eval_prompt_file is None:
             raise ValueError("data.eval_prompts: evaluation is on (eval.enabled) but there are no held-out prompts; "
                              "give data.eval_prompts / data.eval_prompt_file or set eval.enabled: false")
-        trained = sorted({r.name for r in self.rewards} & {m.name for m in self.eval.metrics})
+        trained = sorted({logged_name(r) for r in self.rewards} & {logged_name(m) for m in self.eval.metrics})
         if trained:
             raise ValueError(f"eval.metrics: {trained} {'is' if len(trained) == 1 else 'are'} also under rewards:; an "
                              f"eval metric is a judge the trainer never optimises (trained rewards are evaluated "

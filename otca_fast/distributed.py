@@ -475,6 +475,12 @@ class NullMetrics:
     def add_image(self, *args, **kwargs) -> None:
         pass
 
+    def add_image_file(self, *args, **kwargs) -> None:
+        pass
+
+    def add_clip(self, *args, **kwargs) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

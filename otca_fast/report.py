@@ -1,7 +1,8 @@
 """What a run shows and leaves behind: metrics.jsonl, TensorBoard, PNG plots, clips, progress, summary.
 
 * :class:`MetricsLog` — one JSON line per step in ``metrics.jsonl`` (flushed, so ``tail -f`` works)
-  and the same scalars in TensorBoard (``tb/``). On resume the lines past the checkpoint are
+  and the same scalars in TensorBoard (``tb/``) and, with ``run.wandb``, in Weights & Biases (with the
+  report images and the clips; :mod:`otca_fast.wandb_log`). On resume the lines past the checkpoint are
   dropped, and TensorBoard's ``purge_step`` hides the orphaned events.
 * :func:`plot_rewards` / :func:`plot_training` — matplotlib PNGs under ``report/``.
 * :func:`save_clip` — GIF and MP4 (imageio + ffmpeg) of a clip ``[F, C, H, W]`` in [0, 1]; PNG for images.
@@ -64,9 +65,11 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 
 
 class MetricsLog:
-    """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars."""
+    """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars, and wandb when ``wandb`` (a
+    ``run.wandb`` config section) is not disabled; ``run_config`` is the run's config for wandb."""
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None,
+                 wandb=None, run_config: dict[str, Any] | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
@@ -82,6 +85,12 @@ class MetricsLog:
             # purge_step: events of steps >= it, left by the interrupted run, are ignored on load
             self._tb = SummaryWriter(log_dir=str(self.dir / "tb"),
                                      purge_step=None if resume_step is None else resume_step + 1)
+        self._wandb = None
+        if wandb is not None and wandb.mode != "disabled":
+            from otca_fast.wandb_log import WandbLog
+
+            self._wandb = WandbLog(wandb, output_dir=self.dir, config=run_config or {},
+                                   resume=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -92,7 +101,19 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, global_step=step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, record)
         return record
+
+    def add_image_file(self, tag: str, path: str | Path, step: int) -> None:
+        """A report image (a PNG under ``report/``) for wandb."""
+        if self._wandb is not None:
+            self._wandb.log_image(tag, path, step)
+
+    def add_clip(self, tag: str, paths: Sequence[Path], step: int, *, fps: int) -> None:
+        """A clip written by :func:`save_clip` for wandb."""
+        if self._wandb is not None:
+            self._wandb.log_clip(tag, list(paths), step, fps)
 
     def add_image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:
         if self._tb is not None:
@@ -103,6 +124,9 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> MetricsLog:
         return self

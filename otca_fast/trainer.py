@@ -62,6 +62,7 @@ from otca_fast.evaluation import (
     sample_and_score,
 )
 from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask, share_chunks
+from otca_fast.wandb_log import ID_FILE as WANDB_ID_FILE
 
 __all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled", "add_lora_adapters", "read_prompts",
            "seed_everything"]
@@ -267,13 +268,14 @@ class Trainer:
 
         if cfg.model.family == "shapes" or any(r.name.startswith("shapes_")
                                                for r in [*cfg.rewards, *cfg.eval.metrics]):
-            import otca_fast.toy.exam  # noqa: F401  (registers the eval-only shapes_exam)
-            import otca_fast.toy.rewards  # noqa: F401  (registers shapes_alignment / _motion / _quality)
+            from otca_fast.toy import register_toy_rewards
+
+            register_toy_rewards()
         self.rewards = []
         for i, spec in enumerate(cfg.rewards):
             try:
                 reward = build_reward(spec.name, **spec.options)
-            except (TypeError, ValueError, ImportError) as e:
+            except (TypeError, ValueError, ImportError, ConnectionError) as e:   # a reward server that is down
                 raise ConfigError(f"rewards[{i}] ({spec.name}): {e}") from None
             if reward.eval_only:
                 raise ConfigError(f"rewards[{i}] ({spec.name}): an eval-only metric is never trained on (a judge the "
@@ -283,9 +285,15 @@ class Trainer:
         for i, spec in enumerate(cfg.eval.metrics):
             try:
                 self.eval_metrics.append(build_reward(spec.name, **spec.options))
-            except (TypeError, ValueError, ImportError) as e:
+            except (TypeError, ValueError, ImportError, ConnectionError) as e:
                 raise ConfigError(f"eval.metrics[{i}] ({spec.name}): {e}") from None
         self.reward_names = [r.name for r in self.rewards]
+        # metrics are keyed by the built names (a remote reward takes its served reward's name)
+        built = self.reward_names + [m.name for m in self.eval_metrics]
+        dup = sorted({n for n in built if built.count(n) > 1})
+        if dup:
+            raise ConfigError(f"rewards / eval.metrics: {dup} would be logged twice (a remote reward is logged under "
+                              f"the served reward's name); each reward and metric may appear once")
         self.reward_weights = [spec.weight for spec in cfg.rewards]
         if cfg.credit.scheme == "otca_timing" and not any(r.cheap for r in self.rewards):
             raise ConfigError(f"credit.scheme: otca_timing scores the rewards marked cheap on the intermediate x̂0 "
@@ -350,7 +358,8 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
             self.report_dir.mkdir(exist_ok=True)
             self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
-                                             resume_step=self.step if resume else None)
+                                             resume_step=self.step if resume else None, wandb=cfg.run.wandb,
+                                             run_config=cfg.model_dump(mode="json"))
         else:
             self.metrics = distributed.NullMetrics()
         self.last_credit_info: dict[str, Any] | None = None
@@ -371,7 +380,7 @@ class Trainer:
 
         for name in (ckpt.CHECKPOINT_SUBDIR, "tb", "report"):
             shutil.rmtree(self.output_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "config.yaml"):
+        for name in ("metrics.jsonl", "config.yaml", WANDB_ID_FILE):  # a new wandb run (offline runs stay)
             (self.output_dir / name).unlink(missing_ok=True)
 
     @staticmethod
@@ -1115,7 +1124,8 @@ class Trainer:
             evaluation.save(self._evaluation_file(step))
         self.metrics.log(step, record)
         for i, frames in enumerate(clips):
-            report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
+            paths = report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
+            self.metrics.add_clip(f"eval/clip_{i:02d}", paths, step, fps=cfg.eval.fps)
         return record
 
     # ============================================================================================
@@ -1130,14 +1140,17 @@ class Trainer:
 
     def write_plots(self, step: int) -> None:
         records = report.read_metrics(self.metrics.path)
-        report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png",
-                            metric_keys=self.metric_keys())
-        report.plot_training(records, self.report_dir / "training.png")
+        images = {"report/rewards": report.plot_rewards(records, self.reward_names, self.report_dir / "rewards.png",
+                                                        metric_keys=self.metric_keys()),
+                  "report/training": report.plot_training(records, self.report_dir / "training.png")}
         if self.last_credit_info is not None:
             from otca_fast.credit import plot_credit
 
-            plot_credit(self.last_credit_info, self.report_dir / f"credit_step_{step:06d}.png",
-                        objective_names=self.reward_names, title=f"credit at step {step} ({self.cfg.credit.scheme})")
+            images["report/credit"] = plot_credit(
+                self.last_credit_info, self.report_dir / f"credit_step_{step:06d}.png",
+                objective_names=self.reward_names, title=f"credit at step {step} ({self.cfg.credit.scheme})")
+        for tag, path in images.items():
+            self.metrics.add_image_file(tag, path, step)
 
     def _banner(self) -> str:
         c = self.cfg

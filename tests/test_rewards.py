@@ -16,6 +16,7 @@ from PIL import Image
 from otca_fast.rewards import (
     ROLES,
     Reward,
+    RewardCallError,
     RewardError,
     build_reward,
     list_rewards,
@@ -25,6 +26,8 @@ from otca_fast.rewards import (
 from otca_fast.rewards._image import to_uint8
 
 MODEL_REWARDS = {"ocr", "clip_score", "pickscore", "hps", "laion_aesthetic"}
+# scored out of process (tests/test_reward_server.py, tests/test_vlm_judge.py)
+SERVED_REWARDS = {"remote", "vlm_judge"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,8 +326,8 @@ def test_every_weight_free_reward_has_a_ranking_case():
     # only this package's rewards: other packages (the toy world, user plugins) register their own
     ours = {name for name, entry in registry._REGISTRY.items()
             if entry.factory.__module__.startswith("otca_fast.rewards.")}
-    assert set(RANKING_CASES) == ours - MODEL_REWARDS
-    assert MODEL_REWARDS <= ours
+    assert set(RANKING_CASES) == ours - MODEL_REWARDS - SERVED_REWARDS
+    assert MODEL_REWARDS | SERVED_REWARDS <= ours
 
 
 @pytest.mark.parametrize("name", sorted(RANKING_CASES))
@@ -446,3 +449,71 @@ def test_weight_free_rewards_give_the_same_scores_on_cuda_frames():
     cpu = score_rewards([build_reward(n) for n in names], frames, ["p", "q"], step=0)
     gpu = score_rewards([build_reward(n) for n in names], frames.cuda(), ["p", "q"], step=0)
     torch.testing.assert_close(gpu, cpu)
+
+
+# ------------------------------------------------------------------------------------------------
+# the hooks of rewards scored out of process: located failures, joint calls
+# ------------------------------------------------------------------------------------------------
+
+class _Joint:
+    """A reward fn of a fake server: ``score_jointly`` answers for every fn of the group in one call."""
+
+    calls: list[tuple[str, ...]] = []
+
+    def __init__(self, name: str, fail_index: int | None = None, key: str = "server-a"):
+        self.name, self.fail_index, self.joint_key = name, fail_index, key
+
+    def _one(self, frames):
+        if self.fail_index is not None:
+            return RewardCallError(f"{self.name} failed remotely", self.fail_index)
+        return frames.mean(dim=(1, 2, 3, 4)) + len(self.name)
+
+    def __call__(self, frames, prompts):
+        type(self).calls.append((self.name,))
+        out = self._one(frames)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def score_jointly(self, fns, frames, prompts):
+        type(self).calls.append(tuple(fn.name for fn in fns))
+        return [fn._one(frames) for fn in fns]
+
+
+def test_rewards_sharing_a_joint_key_are_scored_in_one_call_and_located_failures_are_not_rerun():
+    frames, prompts = torch.rand(3, 2, 3, 8, 8), ["a", "b", "c"]
+    _Joint.calls = []
+    rewards = [Reward("q", "quality", False, _Joint("q")), build_reward("brightness"),
+               Reward("mm", "motion", False, _Joint("mm")), Reward("other", "custom", False, _Joint("o", key="b"))]
+    scores = score_rewards(rewards, frames, prompts, step=0)
+    assert _Joint.calls == [("q", "mm"), ("o",)]   # one joint call for server a, a lone call for server b
+    means = frames.mean(dim=(1, 2, 3, 4))
+    assert torch.allclose(scores[:, 0], means + 1) and torch.allclose(scores[:, 2], means + 2)
+    # a failure the reward located itself: taken as is, the batch is not re-run sample by sample
+    _Joint.calls = []
+    failing = [Reward("q", "quality", False, _Joint("q")), Reward("bad", "custom", False, _Joint("bad", fail_index=2))]
+    with pytest.raises(RewardError) as info:
+        score_rewards(failing, frames, prompts, step=5)
+    assert (info.value.reward, info.value.index, info.value.prompt) == ("bad", 2, "c")
+    assert _Joint.calls == [("q", "bad")]
+    _Joint.calls = []
+    with pytest.raises(RewardError) as info:
+        score_rewards([Reward("bad", "custom", False, _Joint("bad", fail_index=7))], frames, prompts, step=5)
+    assert info.value.index is None and info.value.prompt is None   # an index out of range blames no sample
+    assert _Joint.calls == [("bad",)]
+
+
+def test_a_factory_may_decide_role_and_cost_and_return_a_whole_reward():
+    from otca_fast.rewards import registry
+
+    @register_reward("test_dynamic_reward", role="custom", cheap=False)
+    def factory(role: str = "motion", cheap: bool = True):
+        return Reward("served_name", role, cheap, lambda frames, prompts: frames.mean(dim=(1, 2, 3, 4)))
+
+    try:
+        reward = build_reward("test_dynamic_reward", role="quality")
+        assert (reward.name, reward.role, reward.cheap) == ("served_name", "quality", True)
+        with pytest.raises(TypeError, match=r"\['cheap'\] are fixed for the registered reward"):
+            build_reward("brightness", cheap=False)
+    finally:
+        registry._REGISTRY.pop("test_dynamic_reward")

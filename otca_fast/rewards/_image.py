@@ -31,15 +31,25 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
             ref = _cache.get("ref")
             if ref is not None and ref() is frames and _cache.get("version") == version:
                 return _cache["array"]  # type: ignore[return-value]
-    # float32 first: bf16/fp16 cannot hold x·255 to the nearest integer (8/11-bit mantissas).
-    q = frames.detach().float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    array = q.permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
+    array = quantize(frames).permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
     array.setflags(write=False)
     if version is not None:
         with _cache_lock:
             # A weak reference: the cache never keeps a batch of frames alive on its own.
             _cache.update(ref=weakref.ref(frames), version=version, array=array)
     return array
+
+
+def quantize(frames: torch.Tensor) -> torch.Tensor:
+    """Frames in [0, 1] as uint8 ``round(255·x)`` (clamped), same shape and device."""
+    # float32 first: bf16/fp16 cannot hold x·255 to the nearest integer (8/11-bit mantissas).
+    return frames.detach().float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def frame_index(num_frames: int, max_frames: int) -> torch.Tensor:
+    """Up to ``max_frames`` evenly spaced frame indices, first and last included."""
+    n = min(num_frames, max_frames)
+    return torch.linspace(0, num_frames - 1, n).round().long().unique()
 
 
 def check_option(value: object, name: str, *, kind: type | tuple[type, ...], lo: float | None = None,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from otca_fast.rewards._image import check_option
+from otca_fast.rewards._image import check_option, frame_index
 from otca_fast.rewards.registry import RewardFn, check_frames, register_reward
 
 __all__ = [
@@ -321,12 +321,6 @@ class ClipEmbedder:
             return torch.stack([ck.text_cache[p] for p in prompts])
 
 
-def _frame_index(num_frames: int, max_frames: int) -> torch.Tensor:
-    """Up to ``max_frames`` evenly spaced frame indices, first and last included."""
-    n = min(num_frames, max_frames)
-    return torch.linspace(0, num_frames - 1, n).round().long().unique()
-
-
 def _clip_like(reward: str, *, path: str | None, device: str | None, dtype: str, batch_size: int,
                max_frames: int, scale: float, use_logit_scale: bool) -> RewardFn:
     check_option(max_frames, "max_frames", kind=int, lo=1, reward=reward)
@@ -341,7 +335,7 @@ def _clip_like(reward: str, *, path: str | None, device: str | None, dtype: str,
 
     def fn(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         prompts = check_frames(frames, prompts)
-        idx = _frame_index(frames.shape[1], max_frames).to(frames.device)
+        idx = frame_index(frames.shape[1], max_frames).to(frames.device)
         picked = frames.index_select(1, idx)                                  # [B, n, 3, H, W]
         b, n = picked.shape[:2]
         img = embedder.image_embeds(picked.flatten(0, 1)).view(b, n, -1)
@@ -460,7 +454,7 @@ def laion_aesthetic(*, path: str | None = None, head: str | None = None, max_fra
 
     def fn(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_frames(frames, prompts)
-        idx = _frame_index(frames.shape[1], max_frames).to(frames.device)
+        idx = frame_index(frames.shape[1], max_frames).to(frames.device)
         picked = frames.index_select(1, idx)
         b, n = picked.shape[:2]
         emb = embedder.image_embeds(picked.flatten(0, 1))

@@ -10,6 +10,12 @@ only on the final samples.
 frames once, runs every reward under ``torch.no_grad()``, and turns any exception or NaN/Inf score
 into a :class:`RewardError` that names the reward, the offending prompt and the training step, so the
 trainer can write a checkpoint of the last good state and stop (see ``docs/rewards.md``).
+
+Rewards scored out of process (``remote``, :mod:`otca_fast.rewards.remote`) plug in through two small
+hooks: a reward that already knows which sample failed raises :class:`RewardCallError` (the batch is
+then not re-run sample by sample, which for a server that is down would mean B more timeouts), and
+rewards whose ``fn`` share a ``joint_key`` are scored by one ``fn.score_jointly(fns, frames, prompts)``
+call (several rewards of one server: the frames travel once).
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ROLES", "Reward", "RewardError", "RewardFn", "register_reward", "register_metric", "build_reward",
-    "list_rewards", "list_metrics", "score_rewards", "score_metrics", "check_frames",
+    "ROLES", "Reward", "RewardCallError", "RewardError", "RewardFn", "register_reward", "register_metric",
+    "build_reward", "list_rewards", "list_metrics", "score_rewards", "score_metrics", "check_frames",
 ]
 
 ROLES: tuple[str, ...] = ("quality", "motion", "alignment", "custom")
@@ -91,6 +97,22 @@ class RewardError(RuntimeError):
     def __reduce__(self):
         # Exceptions pickle through their args; keep all fields when sent across processes.
         return (type(self), (self.reward, self.prompt, self.step, self.cause, self.index))
+
+
+class RewardCallError(RuntimeError):
+    """Raised by a reward that knows which sample failed (``index``), or that no single sample is to blame
+    (``index=None``: a reward server that does not answer, a malformed answer).
+
+    :func:`score_rewards` takes ``index`` as given instead of re-running the batch one sample at a time
+    to find the failing prompt.
+    """
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.index))
 
 
 @dataclass(frozen=True)
@@ -171,6 +193,13 @@ def list_metrics() -> dict[str, str | None]:
     return {name: e.headline for name, e in sorted(_REGISTRY.items()) if e.eval_only}
 
 
+def _parameter_names(target: Callable[..., Any]) -> list[str]:
+    try:
+        return list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def _check_options(target: Callable[..., Any], what: str, leading: tuple = (), /, **options: Any) -> None:
     # positional-only, so an option may be called "target" or "what"
     """Fail early, with the accepted option names, when ``options`` do not fit ``target``."""
@@ -202,13 +231,18 @@ def build_reward(name_or_dotted_path: str, **options: Any) -> Reward:
     name = name_or_dotted_path.strip()
     entry = _REGISTRY.get(name)
     if entry is not None:
-        fixed = sorted({"role", "cheap"} & set(options))
+        # a factory that takes role/cheap itself (a remote reward, a judge) decides them; others fix them
+        fixed = sorted({"role", "cheap"} & set(options) - set(_parameter_names(entry.factory)))
         if fixed:
             raise TypeError(f"build_reward({name!r}): {fixed} are fixed for the registered reward "
                             f"(role={entry.role!r}, cheap={entry.cheap}); they can only be set for "
                             f"user-defined rewards given as a dotted path")
         _check_options(entry.factory, f"build_reward({name!r})", **options)
         fn = entry.factory(**options)
+        if isinstance(fn, Reward):
+            # the factory knew more than its registration: a remote reward's name, role, cost and
+            # eval-only flag are the served reward's, asked from its server
+            return fn
         if not callable(fn):
             raise TypeError(f"build_reward({name!r}): the factory returned {type(fn).__name__}, "
                             f"expected a callable (frames, prompts) -> scores")
@@ -333,8 +367,7 @@ def score_rewards(rewards: Sequence[Reward], frames: torch.Tensor, prompts: Sequ
 
     batch = frames.shape[0]
     out = torch.empty(batch, len(rewards), dtype=torch.float32)
-    for k, reward in enumerate(rewards):
-        raw = _call(reward, frames, prompts, step)
+    for k, (reward, raw) in enumerate(zip(rewards, _call_all(rewards, frames, prompts, step))):
         if isinstance(raw, Mapping):
             raise RewardError(reward.name, None, step, TypeError(
                 "returned a mapping of parts; a trained reward returns one score per sample (a multi-part "
@@ -357,11 +390,11 @@ def score_metrics(metrics: Sequence[Reward], frames: torch.Tensor, prompts: Sequ
                         f"got {type(metrics).__name__}")
     prompts = check_frames(frames, prompts)
     _check_values(frames, prompts, step)
-    out: dict[str, torch.Tensor] = {}
     for metric in metrics:
         if not isinstance(metric, Reward):
             raise TypeError(f"score_metrics: expected Reward entries (from build_reward), got {type(metric).__name__}")
-        raw = _call(metric, frames, prompts, step)
+    out: dict[str, torch.Tensor] = {}
+    for metric, raw in zip(metrics, _call_all(metrics, frames, prompts, step)):
         if not isinstance(raw, Mapping):
             out[metric.name] = _checked_scores(metric.name, raw, prompts, step)
             continue
@@ -380,6 +413,37 @@ def score_metrics(metrics: Sequence[Reward], frames: torch.Tensor, prompts: Sequ
     return out
 
 
+def _call_all(rewards: Sequence[Reward], frames: torch.Tensor, prompts: list[str], step: int):
+    """Each reward's raw output, in order (a generator: the first failure raises its :class:`RewardError`).
+
+    Rewards whose ``fn`` carry the same ``joint_key`` are scored together by one
+    ``fn.score_jointly(fns, frames, prompts)``, which returns one output (or exception) per ``fn``.
+    """
+    groups: dict[Any, list[int]] = {}
+    for k, reward in enumerate(rewards):
+        key = getattr(reward.fn, "joint_key", None)
+        if key is not None:
+            groups.setdefault(key, []).append(k)
+    joint: dict[int, object] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        fns = [rewards[k].fn for k in members]
+        try:
+            with torch.no_grad():
+                outputs = list(fns[0].score_jointly(fns, frames, list(prompts)))
+        except Exception as exc:  # noqa: BLE001 - charged to the group's first reward, as a lone call would be
+            outputs = [exc] * len(members)
+        joint.update(zip(members, outputs))
+    for k, reward in enumerate(rewards):
+        if k not in joint:
+            yield _call(reward, frames, prompts, step)
+            continue
+        if isinstance(joint[k], BaseException):
+            _raise_reward_error(reward, frames, prompts, step, joint[k])
+        yield joint[k]
+
+
 def _call(reward: Reward, frames: torch.Tensor, prompts: list[str], step: int) -> object:
     """``reward.fn`` on the batch; any exception becomes a :class:`RewardError` naming the prompt that
     reproduces it alone."""
@@ -387,10 +451,17 @@ def _call(reward: Reward, frames: torch.Tensor, prompts: list[str], step: int) -
         with torch.no_grad():
             raw = reward.fn(frames, list(prompts))   # a copy per reward: no reward sees another's edits
     except Exception as exc:  # noqa: BLE001 - every failure becomes a RewardError naming the reward
-        index = _localise_failure(reward, frames, prompts)
-        raise RewardError(reward.name, None if index is None else prompts[index], step, exc,
-                          index) from exc
+        _raise_reward_error(reward, frames, prompts, step, exc)
     return raw
+
+
+def _raise_reward_error(reward: Reward, frames: torch.Tensor, prompts: list[str], step: int,
+                        exc: BaseException) -> None:
+    if isinstance(exc, RewardCallError):   # the reward located the failure itself (or says none can be)
+        index = exc.index if exc.index is not None and 0 <= exc.index < len(prompts) else None
+    else:
+        index = _localise_failure(reward, frames, prompts)
+    raise RewardError(reward.name, None if index is None else prompts[index], step, exc, index) from exc
 
 
 def _checked_scores(name: str, raw: object, prompts: list[str], step: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 
 from otca_fast.models.base import register_backbone
 
-__all__ = ["build_shapes_backbone"]
+__all__ = ["build_shapes_backbone", "register_toy_rewards"]
 
 
 def build_shapes_backbone(**kwargs: Any):
@@ -26,6 +26,13 @@ def build_shapes_backbone(**kwargs: Any):
     from otca_fast.toy.model import build_shapes_backbone as build
 
     return build(**kwargs)
+
+
+def register_toy_rewards() -> None:
+    """Register the world's rewards (``shapes_alignment`` / ``_motion`` / ``_quality``) and its eval-only
+    ``shapes_exam`` in the reward registry (importing their modules does it)."""
+    import otca_fast.toy.exam  # noqa: F401
+    import otca_fast.toy.rewards  # noqa: F401
 
 
 register_backbone("shapes", build_shapes_backbone)
