@@ -22,11 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_trainer import TINY, _comparable, assert_same_state, records, small
 
 from otca_fast import checkpoint as ckpt
 from otca_fast import report, runlock
-from otca_fast.preemption import StopSignals
+from otca_fast.preemption import EXIT_STOPPED, StopSignals
 from otca_fast.rollout import RewardWorker
+from otca_fast.train import main
+from otca_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -301,3 +304,315 @@ def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
     assert said == ["got SIGUSR1: stopping at the next safe point, then checkpointing",
                     "got SIGTERM again: already stopping (the checkpoint is on its way)"]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer: a damaged newest checkpoint, a torn or deleted log
+# ------------------------------------------------------------------------------------------------
+
+RUN = {"train.max_steps": 3, "train.checkpoint_every": 1, "eval.every": 0, "train.ema.update_every": 1}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """3 steps with a checkpoint after each, evaluations at the start and the end: what every damaged copy is
+    compared with."""
+    out = tmp_path_factory.mktemp("faults") / "full"
+    assert main([str(TINY), *small(out, **RUN)]) == 0
+    return out
+
+
+def _copy_until(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst / "checkpoints" / "step_00000003"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights + torn log", "zero-filled optimizer + deleted log",
+                                    "NaN-poisoned weights"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(uninterrupted, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    newest = _copy_until(uninterrupted, out)
+    log = out / "metrics.jsonl"
+    if damage.startswith("truncated"):
+        _truncate(newest / "weights.safetensors")
+        log.write_text(log.read_text() + '{"step": 4, "reward/to')
+    elif damage.startswith("zero-filled"):
+        _zero_fill(newest / "optimizer.pt")
+        log.unlink()
+    else:
+        _poison(newest / "weights.safetensors")
+    assert main([str(TINY), *small(out, **RUN), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint step_00000003 is damaged, skipped" in err
+    assert {"truncated": "weights.safetensors", "zero-filled": "optimizer.pt: unreadable",
+            "NaN-poisoned": "holds 1 NaN"}[damage.split()[0]] in err
+    assert "moved the damaged checkpoint step_00000003 aside to step_00000003.damaged" in err
+    assert (out / "checkpoints" / "step_00000003.damaged").is_dir()
+    assert "resumed from" in err and "step_00000002 (step 2)" in err
+    # the evaluation of the abandoned step 3 was discarded, then written again by the resumed run
+    removed = err[err.index("file(s) of the steps after the checkpoint (step 2): "):].splitlines()[0]
+    assert all(name in removed for name in ("step_000003.json", "step_000003_00.gif", "credit_step_000003.png"))
+    assert_same_state(ckpt.load_checkpoint(uninterrupted / "checkpoints" / "step_00000003"),
+                      ckpt.load_checkpoint(out / "checkpoints" / "step_00000003"))
+    for name in ("step_000000.json", "step_000003.json"):
+        assert (json.loads((out / "report" / "eval" / name).read_text())
+                == json.loads((uninterrupted / "report" / "eval" / name).read_text()))
+    if damage.startswith("zero-filled"):  # the history before the checkpoint is gone, and the run said so
+        assert "metrics.jsonl is missing: the records of steps 0..2 are lost" in err
+        assert _comparable(records(out)) == _comparable([r for r in records(uninterrupted) if r["step"] == 3])
+    else:
+        assert _comparable(records(out)) == _comparable(records(uninterrupted))
+        assert ("its last line is torn" in err) == damage.startswith("truncated")
+
+
+def test_resume_with_no_valid_checkpoint_is_one_line_naming_the_files(uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    _copy_until(uninterrupted, out)
+    for step, f in [(1, "state.pt"), (2, "weights.safetensors"), (3, "optimizer.pt")]:
+        _truncate(out / "checkpoints" / f"step_{step:08d}" / f)
+    assert main([str(TINY), *small(out, **RUN), "--resume"]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("otca-train: ")][-1]
+    assert line.startswith(f"otca-train: --resume: no valid checkpoint in {out / 'checkpoints'}: step_00000003: ")
+    assert all(f in line for f in ("step_00000001/state.pt", "step_00000002/weights.safetensors",
+                                   "step_00000003/optimizer.pt"))
+    assert not list((out / "checkpoints").glob("*.damaged"))  # nothing is moved when nothing loads
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer: non-finite weights, a full disk, two runs in one directory, leftovers
+# ------------------------------------------------------------------------------------------------
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    # leftovers of an earlier, killed run: a stale lock and the temporary directory of a write
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    (out / runlock.LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    (out / "checkpoints" / ".step_00000007.tmp-99999").mkdir(parents=True)
+    real = Trainer.update
+
+    def poisoning(self, step, *args, **kwargs):
+        stats = real(self, step, *args, **kwargs)
+        if step == 2:
+            with torch.no_grad():
+                next(iter(self.named_trainable.values())).view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(Trainer, "update", poisoning)
+    assert main([str(TINY), *small(out, **{"eval.enabled": False})]) == 1
+    err = capsys.readouterr().err
+    assert f"took over the lock of a run that is no longer running (pid {dead.pid}" in err
+    assert "removed .step_00000007.tmp-99999" in err
+    assert "training stopped: step 2: checkpoint" in err and "not written: weights[" in err and "holds 1 NaN" in err
+    assert "latest checkpoint: " in err and "step_00000001" in err
+    assert [s for s, _ in ckpt.checkpoint_dirs(out)] == [1]
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
+def test_a_full_disk_stops_training_naming_the_path_and_the_space_needed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    real = ckpt.save_file
+
+    def filling(tensors, filename, metadata=None):
+        if "step_00000002" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", filling)
+    assert main([str(TINY), *small(out, **{"eval.enabled": False})]) == 1
+    err = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert f"no space left on device writing checkpoint {out / 'checkpoints' / 'step_00000002'}: it needs about" in err
+    assert "is free there" in err and "step_00000001" in err and "continue with --resume" in err
+    assert [s for s, _ in ckpt.checkpoint_dirs(out)] == [1]
+    assert not list((out / "checkpoints").glob(".*"))
+
+
+def test_a_second_run_into_a_busy_directory_fails_at_once_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "busy"
+    cfg_args = small(out, **{"train.max_steps": 1, "eval.enabled": False})
+    assert main([str(TINY), *cfg_args]) == 0
+    from test_trainer import cfg_of
+
+    with Trainer(cfg_of(out, **{"train.max_steps": 2, "eval.enabled": False}), resume=True):
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert main([str(TINY), *cfg_args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}, started" in err
+        assert [s for s, _ in ckpt.checkpoint_dirs(out)] == [1]  # --overwrite deleted nothing
+    assert main([str(TINY), *cfg_args, "--overwrite"]) == 0  # released with the trainer
+
+
+def test_ctrl_c_advice_is_true_without_a_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "early"
+
+    def interrupted(self, step, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "update", interrupted)
+    assert main([str(TINY), *small(out, **{"eval.enabled": False})]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted during step 1; no checkpoint was written yet" in err and "continue with --resume" not in err
+    monkeypatch.undo()
+    assert main([str(TINY), *small(out, **{"eval.enabled": False, "train.max_steps": 1})]) == 0  # the advice works
+
+
+def test_ctrl_c_during_a_slow_reward_exits_within_seconds(tmp_path):
+    """A reward that never returns: Ctrl-C must still end the process (the call is abandoned)."""
+    out, marker = tmp_path / "slow", tmp_path / "in_reward"
+    reward = [{"name": "test_faults:StuckReward", "weight": 1.0, "options": {"marker": str(marker)}}]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "otca_fast.train", str(TINY),
+                             *small(out, **{"rewards": reward, "eval.enabled": False})],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # bounded: until the reward is running (or the process died)
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert marker.exists(), proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # a generous bound: the reward itself never returns
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted during step 1; no checkpoint was written yet" in err and "Traceback" not in err
+
+
+def test_a_second_ctrl_c_during_the_clean_up_exits_at_once_without_a_traceback():
+    code = ("import os, signal, time; from otca_fast import train; train._exit_on_a_second_interrupt(); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 130 and proc.stderr == "otca-train: interrupted again: exiting now\n"
+
+
+class StuckReward:
+    """A reward that signals it has started (a marker file), then never returns."""
+
+    def __init__(self, marker: str):
+        self.marker = Path(marker)
+
+    def __call__(self, frames, prompts):
+        self.marker.write_text("scoring")
+        threading.Event().wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer: SIGTERM / SIGUSR1 (preemption) at each kind of stop point, then resume bit for bit
+# ------------------------------------------------------------------------------------------------
+
+# 3 steps of 2 optimizer updates each (4 samples in 2 chunks), evaluations at the start and the end, and
+# no checkpoint before the end: whatever a stop saves is more than the schedule would have
+STOP_RUN = {"train.max_steps": 3, "train.checkpoint_every": 100, "eval.every": 0, "train.updates_per_step": 2,
+            "sample.batch_size": 2, "train.ema.update_every": 1}
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stops") / "full"
+    assert main([str(TINY), *small(out, **STOP_RUN)]) == 0
+    return out
+
+
+def _signal_self(name: str) -> None:
+    os.kill(os.getpid(), getattr(signal, name))
+
+
+def _stop_in_rollout(monkeypatch, sig="SIGTERM"):
+    real = Trainer.rollout
+
+    def rollout(self, step, prompts):
+        if step == 1:
+            _signal_self(sig)  # handled at once (this thread); the first denoising step is a stop point
+        return real(self, step, prompts)
+
+    monkeypatch.setattr(Trainer, "rollout", rollout)
+
+
+_ABANDONED = threading.Event()
+_OUTCOME: list[bool] = []
+
+
+def _stop_while_waiting_for_rewards(monkeypatch, sig="SIGUSR1"):
+    real, calls = Trainer._score, []
+
+    def score(self, frames, prompts, *, step):
+        calls.append(step)
+        if calls.count(2) == 2:  # the last chunk of step 2: the rollout waits for it
+            _signal_self(sig)
+            _OUTCOME.append(_ABANDONED.wait(120))  # set by the test once main() returned
+        return real(self, frames, prompts, step=step)
+
+    monkeypatch.setattr(Trainer, "_score", score)
+
+
+def _stop_after_the_first_update(monkeypatch, sig="SIGTERM"):
+    real_build, steps = Trainer._build_optimizer, []
+
+    def build(self):
+        opt = real_build(self)
+        real_step = opt.step
+
+        def step(*args, **kwargs):
+            out = real_step(*args, **kwargs)
+            steps.append(1)
+            if len(steps) == 3:  # step 2's first update: the step is finished, then checkpointed
+                _signal_self(sig)
+            return out
+
+        opt.step = step
+        return opt
+
+    monkeypatch.setattr(Trainer, "_build_optimizer", build)
+
+
+def _stop_in_evaluation(monkeypatch, sig="SIGTERM"):
+    real = Trainer.evaluate
+
+    def evaluate(self, step):
+        if step == 3:
+            _signal_self(sig)
+        return real(self, step)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+
+
+@pytest.mark.parametrize("where, arrange, expected, saved", [
+    ("rollout", _stop_in_rollout, "stopped by SIGTERM during step 1 (abandoned", 0),
+    ("reward wait", _stop_while_waiting_for_rewards, "stopped by SIGUSR1 during step 2 (abandoned", 1),
+    ("update", _stop_after_the_first_update, "stopped by SIGTERM after step 2", 2),
+    ("evaluation", _stop_in_evaluation, "stopped by SIGTERM during the evaluation at step 3 (abandoned", 3),
+])
+def test_a_stop_signal_checkpoints_and_resume_is_bitwise_identical(never_stopped, tmp_path, monkeypatch, capsys,
+                                                                   where, arrange, expected, saved):
+    out = tmp_path / "stopped"
+    arrange(monkeypatch)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main([str(TINY), *small(out, **STOP_RUN)])
+    if where == "reward wait":  # the stop did not wait for the reward call it interrupted
+        _ABANDONED.set()
+        for _ in range(600):
+            if _OUTCOME:
+                break
+            time.sleep(0.1)
+        assert _OUTCOME == [True]
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == EXIT_STOPPED, err[-3000:]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are the caller's again
+    assert expected in err and f"the state after step {saved} is checkpointed in" in err
+    assert "continue with --resume" in err
+    assert ckpt.latest_checkpoint(out).name == f"step_{saved:08d}"
+    assert main([str(TINY), *small(out, **STOP_RUN), "--resume"]) == 0
+    assert_same_state(ckpt.load_checkpoint(never_stopped / "checkpoints" / "step_00000003"),
+                      ckpt.load_checkpoint(out / "checkpoints" / "step_00000003"))
+    assert _comparable(records(out)) == _comparable(records(never_stopped))  # the evaluations included, once each
+    for name in ("step_000000.json", "step_000003.json"):
+        assert (json.loads((out / "report" / "eval" / name).read_text())
+                == json.loads((never_stopped / "report" / "eval" / name).read_text()))
