@@ -1,4 +1,5 @@
-"""The command line: ``python -m otca_fast.train CONFIG [--set key.path=value ...] [--resume | --overwrite]``.
+"""The command line: ``python -m otca_fast.train CONFIG [--set key.path=value ...] [--resume | --auto-resume |
+--overwrite]``.
 
 Also installed as the console script ``otca-train``. With no CONFIG it runs the embedded default,
 ``configs/tiny_video.yaml`` of the source tree (a tiny model that trains on a laptop CPU).
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (YAML-parsed), e.g. --set train.max_steps=100; repeatable")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in run.output_dir")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="resume if run.output_dir holds a checkpoint, else start a new run: one command for a job "
+                             "that a scheduler may preempt and requeue")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run.output_dir that already holds a run (deletes its checkpoints, "
                              "metrics, tb/ and report/)")
@@ -102,8 +106,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         err.print(f"otca-train: {e}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_USAGE
+    resume = args.resume
+    if args.auto_resume:
+        if args.resume or args.overwrite:
+            err.print("otca-train: --auto-resume decides between --resume and a new run itself: give it alone",
+                      highlight=False)
+            distributed.shutdown(ctx)
+            return EXIT_USAGE
+        from otca_fast.checkpoint import checkpoint_dirs
+
+        resume = bool(checkpoint_dirs(cfg.run.output_dir))
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, console=err, dist=ctx)
+        trainer = Trainer(cfg, resume=resume, overwrite=args.overwrite, console=err, dist=ctx)
     except (ConfigError, FileExistsError, FileNotFoundError, CheckpointError, RunLockError) as e:
         err.print(f"otca-train: {e}", highlight=False, markup=False, soft_wrap=True)
         distributed.shutdown(ctx)

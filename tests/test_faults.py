@@ -456,7 +456,11 @@ def test_ctrl_c_advice_is_true_without_a_checkpoint(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "interrupted during step 1; no checkpoint was written yet" in err and "continue with --resume" not in err
     monkeypatch.undo()
-    assert main([str(TINY), *small(out, **{"eval.enabled": False, "train.max_steps": 1})]) == 0  # the advice works
+    # the advice works; --auto-resume (one command for a requeued job) starts a new run here, there is no checkpoint
+    assert main([str(TINY), *small(out, **{"eval.enabled": False, "train.max_steps": 1}), "--auto-resume"]) == 0
+    assert [s for s, _ in ckpt.checkpoint_dirs(out)] == [1] and "resumed from" not in capsys.readouterr().err
+    assert main([str(TINY), *small(out, **{"eval.enabled": False, "train.max_steps": 1}), "--auto-resume",
+                 "--overwrite"]) == 2
 
 
 def test_ctrl_c_during_a_slow_reward_exits_within_seconds(tmp_path):
@@ -609,7 +613,9 @@ def test_a_stop_signal_checkpoints_and_resume_is_bitwise_identical(never_stopped
     assert expected in err and f"the state after step {saved} is checkpointed in" in err
     assert "continue with --resume" in err
     assert ckpt.latest_checkpoint(out).name == f"step_{saved:08d}"
-    assert main([str(TINY), *small(out, **STOP_RUN), "--resume"]) == 0
+    # the command of a requeued job: --auto-resume finds the checkpoint and resumes from it
+    assert main([str(TINY), *small(out, **STOP_RUN), "--auto-resume"]) == 0
+    assert f"resumed from {out / 'checkpoints' / f'step_{saved:08d}'}" in capsys.readouterr().err
     assert_same_state(ckpt.load_checkpoint(never_stopped / "checkpoints" / "step_00000003"),
                       ckpt.load_checkpoint(out / "checkpoints" / "step_00000003"))
     assert _comparable(records(out)) == _comparable(records(never_stopped))  # the evaluations included, once each
