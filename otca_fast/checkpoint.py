@@ -24,16 +24,27 @@ A run on several ranks (torchrun) writes the *sharded* layout instead (``otca_fa
 Both layouts load on any number of ranks; :func:`load_checkpoint` reads either into full tensors
 (the sharded optimizer state comes back in ``optimizer.state_dict()`` form, keyed 0, 1, ... in the
 order of the trainable parameters).
+
+Crash consistency. ``state.pt`` lists every other file of the checkpoint with its size (``files``), so
+a checkpoint whose file was truncated, replaced or deleted after the write is recognised without
+reading it. :func:`load_checkpoint` checks that list, reads every file and checks that every tensor
+is finite; what fails raises :class:`CheckpointError` naming the file and the cause, and
+:func:`load_newest_valid` (``--resume``) then falls back to the next older checkpoint. A checkpoint is
+never written from non-finite values, and a write that fails on a full disk says so, with the space it
+needed (:class:`CheckpointWriteError`). :func:`remove_stale_temporaries` deletes what an interrupted
+write left behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,12 +52,33 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CHECKPOINT_SUBDIR", "DCP_SUBDIR", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-    "capture_rng_state", "restore_rng_state", "Checkpoint", "is_sharded", "read_sharded",
+    "capture_rng_state", "restore_rng_state", "Checkpoint", "is_sharded", "read_sharded", "CheckpointError",
+    "CheckpointFileMissing", "CheckpointWriteError", "read_state", "first_nonfinite", "checkpoint_dirs",
+    "load_newest_valid", "set_aside", "remove_stale_temporaries", "disk_full_errno", "write_failure",
+    "tensor_bytes", "torch_save", "format_bytes", "unreadable", "nonfinite_state",
 ]
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DCP_SUBDIR = "dcp"  # the sharded layout's torch.distributed.checkpoint directory
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# what an interrupted write leaves: the temporary directory (.tmp-PID, .tmp-sharded) or a checkpoint moved
+# aside to be replaced (.old-PID)
+_TEMPORARY = re.compile(r"^\.step_(\d{8})\.(tmp|old)-.+$")
+T = TypeVar("T")
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be used or written. The message names the file and what is wrong with it
+    (missing, unreadable, truncated, holding NaN/Inf, no space left to write it)."""
+
+
+class CheckpointFileMissing(CheckpointError, FileNotFoundError):
+    """A file that a checkpoint needs (or lists) is not there."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (non-finite values, a full disk); the checkpoints written before are
+    intact. ``errno`` is ENOSPC or EDQUOT for a full disk or quota."""
 
 
 class Checkpoint(dict):
@@ -87,6 +119,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
     """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep_last``.
 
     Returns the final directory. Re-saving a step that already exists replaces it (atomically too).
+    Raises :class:`CheckpointWriteError` (nothing written, the earlier checkpoints intact) when a tensor is
+    NaN/Inf or the disk fills up.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step: expected an int >= 0, got {step!r}")
@@ -94,19 +128,36 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
         raise ValueError(f"keep_last: expected an int >= 1, got {keep_last!r}")
     root = Path(output_dir)
     final = _step_dir(root, step)
+    weights = _contiguous(weights, "weights")
+    ema = None if ema is None else _contiguous(ema, "ema")
+    refused = nonfinite_state(final, {"weights": weights, "ema": ema, "optimizer": optimizer})
+    if refused is not None:
+        raise refused
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_contiguous(weights, "weights"), str(tmp / "weights.safetensors"), metadata={"step": str(step)})
-    if ema is not None:
-        save_file(_contiguous(ema, "ema"), str(tmp / "ema.safetensors"), metadata={"step": str(step)})
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save({**state, "step": step}, tmp / "state.pt")
-    if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml)
-    publish_checkpoint(tmp, final, keep_last)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(weights, str(tmp / "weights.safetensors"), metadata={"step": str(step)})
+        if ema is not None:
+            save_file(ema, str(tmp / "ema.safetensors"), metadata={"step": str(step)})
+        torch_save(optimizer, tmp / "optimizer.pt")
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        # the manifest: every other file and its size, checked before the checkpoint is ever loaded
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        torch_save({**state, "step": step, "files": files}, tmp / "state.pt")
+        publish_checkpoint(tmp, final, keep_last)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = write_failure(e, final, tensor_bytes([weights, ema, optimizer, state]))
+        if full is None:
+            raise
+        raise full from e
+    except BaseException:  # Ctrl-C mid-write: leave no temporary behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -130,7 +181,11 @@ def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
@@ -157,6 +212,78 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint directory, or None."""
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step_*`` directory under ``output_dir/checkpoints`` as ``(step, path)``, oldest first, complete
+    or not (what ``--resume`` examines; :func:`list_checkpoints` lists only the complete-looking ones)."""
+    root = Path(output_dir) / CHECKPOINT_SUBDIR
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def load_newest_valid(output_dir: str | Path, load: Callable[[Path], T],
+                      warn: Callable[[str], None]) -> tuple[Path, T, list[tuple[Path, str]]]:
+    """``load(path)`` the newest checkpoint that loads, falling back to older ones.
+
+    ``load`` raises :class:`CheckpointError` for a damaged checkpoint (any other exception propagates: a
+    config that does not fit the checkpoint is not damage). Each skipped checkpoint is reported through
+    ``warn``. Returns ``(path, what load returned, [(skipped path, why)])``; with no checkpoint at all
+    raises :class:`CheckpointFileMissing`, with none valid a :class:`CheckpointError` naming each one and why.
+    """
+    root = Path(output_dir) / CHECKPOINT_SUBDIR
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(checkpoint_dirs(output_dir)):
+        try:
+            value = load(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            warn(f"checkpoint {path.name} is damaged, skipped: {e}")
+            continue
+        return path, value, skipped
+    if not skipped:
+        raise CheckpointFileMissing(f"--resume: no checkpoint in {root} (run without --resume to start a new run)")
+    raise CheckpointError(f"--resume: no valid checkpoint in {root}: "
+                          + "; ".join(f"{path.name}: {why}" for path, why in skipped))
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged checkpoint to ``step_<N>.damaged`` (``.damaged-2``, ... if taken): never listed, never
+    loaded, never pruned, kept for inspection. Returns the new path."""
+    p = Path(path)
+    target, n = p.with_name(f"{p.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = p.with_name(f"{p.name}.damaged-{n}")
+    os.replace(p, target)
+    return target
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[str]:
+    """Clean up after checkpoint writes that never finished (a killed process); returns what was done.
+
+    A temporary directory (``.step_<N>.tmp-*``) is deleted. A checkpoint moved aside to be replaced
+    (``.step_<N>.old-*``) is put back when its replacement never arrived, deleted otherwise. Call it only
+    while holding the run lock (:mod:`otca_fast.runlock`): another live run's temporaries look the same.
+    """
+    root = Path(output_dir) / CHECKPOINT_SUBDIR
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = _TEMPORARY.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        final = root / f"step_{m.group(1)}"
+        if m.group(2) == "old" and not final.exists():
+            os.replace(p, final)
+            done.append(f"restored {final.name} from {p.name} (its replacement was interrupted)")
+            continue
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed {p.name} ({format_bytes(size)}), left by an interrupted checkpoint write")
+    return done
 
 
 def is_sharded(path: str | Path) -> bool:
@@ -191,46 +318,237 @@ def _indexed_optimizer_state(optim: dict[str, Any] | None) -> dict[str, Any]:
     return {"state": dict(sorted(state.items())), "param_groups": groups}
 
 
-def _load_sharded(p: Path, map_location: str | torch.device) -> Checkpoint:
-    state = torch.load(p / "state.pt", map_location=map_location, weights_only=True)
-    data = read_sharded(p / DCP_SUBDIR)
-
-    def move(tree):
-        if isinstance(tree, torch.Tensor):
-            return tree.to(map_location)
-        if isinstance(tree, dict):
-            return {k: move(v) for k, v in tree.items()}
-        if isinstance(tree, list):
-            return [move(v) for v in tree]
-        return tree
-
-    data = move(data)
+def _load_sharded(p: Path, map_location: str | torch.device, verify: bool) -> Checkpoint:
+    state = read_state(p) if verify else torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        data = read_sharded(p / DCP_SUBDIR)
+    except Exception as e:  # noqa: BLE001 - any failure to read the shards is damage, named with its file
+        raise unreadable(p / DCP_SUBDIR, e) from None
+    data, state = _move(data, map_location), _move(state, map_location)
+    if verify:
+        for key in ("model", "ema", "optim"):
+            bad = first_nonfinite(data.get(key), key)
+            if bad is not None:
+                raise CheckpointError(f"{p / DCP_SUBDIR}: {bad}")
     return Checkpoint(path=p, step=int(state["step"]), weights=dict(data.get("model", {})),
                       ema=dict(data["ema"]) if data.get("ema") else None,
                       optimizer=_indexed_optimizer_state(data.get("optim")), state=state,
                       config_yaml=(p / "config.yaml").read_text() if (p / "config.yaml").is_file() else None)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint directory written by :func:`save_checkpoint` (or a sharded one, see above)."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint directory written by :func:`save_checkpoint` (or a sharded one, see above).
+
+    With ``verify`` (the default) the checkpoint is checked as it is read: every file its ``state.pt`` lists
+    present with its recorded size, every file loadable, every tensor finite. A failure raises
+    :class:`CheckpointError` (:class:`CheckpointFileMissing` for a missing file) naming the file.
+    """
     p = Path(path)
     if is_sharded(p) and (p / "state.pt").is_file():
-        return _load_sharded(p, map_location)
+        return _load_sharded(p, map_location, verify)
+    if (p / DCP_SUBDIR).is_dir() and not is_sharded(p):
+        raise CheckpointFileMissing(f"{p / DCP_SUBDIR / '.metadata'}: missing (the sharded checkpoint's index)")
     missing = [n for n in ("weights.safetensors", "optimizer.pt", "state.pt") if not (p / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {p}: expected files weights.safetensors, optimizer.pt and state.pt, "
-                                f"missing {missing}")
-    state = torch.load(p / "state.pt", map_location=map_location, weights_only=True)
-    return Checkpoint(
-        path=p,
-        step=int(state["step"]),
-        weights=load_file(str(p / "weights.safetensors"), device=str(map_location)),
-        ema=load_file(str(p / "ema.safetensors"), device=str(map_location)) if (p / "ema.safetensors").is_file()
-        else None,
-        optimizer=torch.load(p / "optimizer.pt", map_location=map_location, weights_only=True),
-        state=state,
-        config_yaml=(p / "config.yaml").read_text() if (p / "config.yaml").is_file() else None,
-    )
+        raise CheckpointFileMissing(f"checkpoint {p}: expected files weights.safetensors, optimizer.pt and state.pt, "
+                                    f"missing {missing}")
+    state = read_state(p) if verify else torch.load(p / "state.pt", map_location="cpu", weights_only=True)
+    dev = str(map_location)
+    files = {"weights.safetensors": _read(p / "weights.safetensors", lambda f: load_file(str(f), device=dev)),
+             "optimizer.pt": _read(p / "optimizer.pt",
+                                   lambda f: torch.load(f, map_location=map_location, weights_only=True))}
+    if (p / "ema.safetensors").is_file():
+        files["ema.safetensors"] = _read(p / "ema.safetensors", lambda f: load_file(str(f), device=dev))
+    if verify:
+        for name, tree in files.items():
+            bad = first_nonfinite(tree, "tensor" if name.endswith(".safetensors") else "optimizer")
+            if bad is not None:
+                raise CheckpointError(f"{p / name}: {bad}")
+    state = _move(state, map_location)
+    return Checkpoint(path=p, step=int(state["step"]), weights=files["weights.safetensors"],
+                      ema=files.get("ema.safetensors"), optimizer=files["optimizer.pt"], state=state,
+                      config_yaml=(p / "config.yaml").read_text() if (p / "config.yaml").is_file() else None)
+
+
+def _move(tree: Any, device: str | torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _move(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_move(v, device) for v in tree)
+    return tree
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """``state.pt`` of the checkpoint ``path``, checked: it loads, it is the step of its directory, and every
+    file it lists (``files``, written since the manifest was introduced) is present with its recorded
+    size. Raises :class:`CheckpointError` naming the file otherwise. Cheap: no tensor file is read."""
+    p = Path(path)
+    state = _read(p / "state.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{p / 'state.pt'}: not a checkpoint state (no 'step')")
+    m = _STEP_DIR.match(p.name)
+    if m and int(m.group(1)) != int(state["step"]):
+        raise CheckpointError(f"{p / 'state.pt'}: holds step {int(state['step'])}, not the step of its directory")
+    for rel, size in dict(state.get("files", {})).items():
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointFileMissing(f"{f}: missing (the checkpoint was written with it)")
+        actual = f.stat().st_size
+        if actual != int(size):
+            raise CheckpointError(f"{f}: {actual} bytes, written with {int(size)} (truncated or overwritten)")
+    return state
+
+
+def _read(f: Path, reader: Callable[[Path], T]) -> T:
+    """``reader(f)``, any failure raised as a :class:`CheckpointError` naming ``f`` (never torch's advice to
+    retry with ``weights_only=False``: a damaged file is not an untrusted one)."""
+    if not f.is_file():
+        raise CheckpointFileMissing(f"{f}: missing")
+    try:
+        return reader(f)
+    except Exception as e:  # noqa: BLE001 - every way a damaged file fails to load
+        raise unreadable(f, e) from None
+
+
+def unreadable(f: Path, error: BaseException) -> CheckpointError:
+    """The :class:`CheckpointError` of a checkpoint file (or directory) ``f`` that failed to load with ``error``:
+    the first sentence of its message, never torch's advice to retry with ``weights_only=False`` (a damaged
+    file is not an untrusted one)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if "weights_only" in text:  # torch's message for a file that is not a zip archive
+        text = "not a PyTorch zip archive"
+    return CheckpointError(f"{f}: unreadable ({text.split('. ')[0][:200]}); it is damaged (truncated or overwritten)")
+
+
+def _tensors(tree: Any, where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        yield where, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{where}[{k!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{where}[{i}]")
+
+
+def first_nonfinite(tree: Any, what: str = "tensor") -> str | None:
+    """Where the first NaN/Inf among the floating tensors of ``tree`` (a tensor or nested dicts and lists)
+    is, e.g. ``"tensor['blocks.0.lora_A.weight'] holds 3 NaN and 0 Inf of its 96 values"``; None if all are
+    finite. A sharded tensor (DTensor) is checked on this rank's shard."""
+    for where, t in _tensors(tree, what):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.is_floating_point() or local.is_complex():
+            finite = torch.isfinite(local)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(local).sum())
+                return (f"{where} holds {nan} NaN and {int((~finite).sum()) - nan} Inf of its {local.numel()} "
+                        f"values")
+    return None
+
+
+def nonfinite_state(final: Path, parts: dict[str, Any], where: str = "") -> CheckpointWriteError | None:
+    """The refusal to write checkpoint ``final`` when a tensor of ``parts`` (``{"weights": ..., ...}``) is NaN/Inf
+    (``where`` says on which rank), else None."""
+    for what, tree in parts.items():
+        bad = first_nonfinite(tree, what)
+        if bad is not None:
+            return CheckpointWriteError(f"checkpoint {final} not written: {bad}{where} (a checkpoint never holds "
+                                        f"non-finite values; the earlier checkpoints are the last good states)")
+    return None
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in ``tree`` (about what a checkpoint of them takes on disk)."""
+    total = 0
+    for _, t in _tensors(tree, ""):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+class _RecordingWriter:
+    """A file object that remembers the OSError of a failed write: torch.save reports a full disk as
+    ``[enforce fail at inline_container.cc] unexpected pos``, which names neither the cause nor the file."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``, a failed write raised as its OSError (ENOSPC, EDQUOT, ...) naming the file."""
+    fh = open(path, "wb")  # noqa: SIM115 - closed below, where its final flush may fail too
+    writer = _RecordingWriter(fh)
+    try:
+        try:
+            torch.save(obj, writer)
+        finally:
+            fh.close()
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+_DISK_FULL = {errno.ENOSPC: ("No space left on device", "no space left on device"),
+              errno.EDQUOT: ("Disk quota exceeded", "disk quota exceeded")}
+
+
+def disk_full_errno(error: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``error`` (or what caused it) is a full disk or quota, else None. Also reads the
+    messages of libraries that do not raise an OSError (safetensors: "... (os error 28)"; DCP's
+    CheckpointException carries the failures of every rank as text)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e.errno
+        text = str(e).lower()
+        for code, (message, _) in _DISK_FULL.items():
+            if message.lower() in text or f"os error {code})" in text:
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_failure(error: BaseException, final: Path, needed: int) -> CheckpointWriteError | None:
+    """The :class:`CheckpointWriteError` saying that the disk filled up while writing checkpoint ``final``
+    (how much it needed, how much is free), or None when ``error`` is another failure."""
+    code = disk_full_errno(error)
+    if code is None:
+        return None
+    try:
+        free = format_bytes(shutil.disk_usage(final.parent).free)
+    except OSError:
+        free = "an unknown amount"
+    out = CheckpointWriteError(
+        f"{_DISK_FULL[code][1]} writing checkpoint {final}: it needs about {format_bytes(needed)}, {free} is free "
+        f"there (the partial write was removed; the earlier checkpoints are intact). Free some space or lower "
+        f"train.keep_checkpoints, then continue with --resume")
+    out.errno = code
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,12 +29,16 @@ loop itself only calls small hooks:
   :class:`RankFailure` ("rank R: cause") at the same point, so the job stops together, writes its
   last good checkpoint together, and never hangs in a collective. A failure that cannot be held
   (inside an FSDP forward) is recorded in the rendezvous store (:func:`record_fatal`) before the rank
-  exits; the process-group timeout is the backstop.
+  exits; the process-group timeout is the backstop. The same all-reduce carries a *stop request*
+  (SIGTERM/SIGUSR1, :mod:`otca_fast.preemption`), and :func:`any_rank` agrees on one at the loop's other
+  stop points, so every rank abandons (or finishes) the same step and checkpoints it together.
 * **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`). ``torch.distributed.checkpoint``
   with ``get_state_dict``/``set_state_dict``: keyed by parameter name, so a checkpoint saved on W ranks
   loads on any number of ranks, with either strategy, and in a single process (the single-process
   safetensors layout loads on W ranks too). Written into a temporary directory and renamed, so a
-  failure mid-write leaves the previous checkpoint intact.
+  failure mid-write leaves the previous checkpoint intact. Every rank checks its shards for NaN/Inf
+  before a write and after a read, and the ranks agree (:func:`agree`) on a damaged checkpoint or a
+  failed write, so ``--resume`` falls back to an older checkpoint on every rank together.
 
 Rank 0 alone writes ``metrics.jsonl``, TensorBoard, plots, clips and the console and progress output.
 """
@@ -55,7 +59,7 @@ __all__ = [
     "DistContext", "RankFailure", "setup", "shutdown", "env_rank", "prepare_model", "resolve_strategy",
     "sync_gradients", "all_gather_rows", "all_reduce", "barrier", "check_errors", "record_fatal",
     "recorded_failure", "fatal_message", "eval_share", "NullMetrics", "save_checkpoint", "load_checkpoint",
-    "check_batch",
+    "check_batch", "any_rank", "agree",
 ]
 
 # auto strategy: FSDP from these sizes up (DDP replicates the weights, the gradients and AdamW's two
@@ -370,40 +374,65 @@ def eval_share(ctx: DistContext, total: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 def _describe(error: BaseException) -> tuple[str, bool]:
+    from otca_fast.checkpoint import CheckpointError
     from otca_fast.rewards import RewardError
     from otca_fast.rollout import NonFiniteError
 
     recoverable = isinstance(error, (RewardError, NonFiniteError))
     if isinstance(error, RankFailure):
         return str(error), error.recoverable
-    text = str(error) if recoverable or type(error).__name__ == "TrainingError" else \
-        f"{type(error).__name__}: {error}"
+    plain = recoverable or type(error).__name__ == "TrainingError" or isinstance(error, CheckpointError)
+    text = str(error) if plain else f"{type(error).__name__}: {error}"
     return text, recoverable
 
 
-def check_errors(ctx: DistContext, error: BaseException | None) -> None:
+def check_errors(ctx: DistContext, error: BaseException | None, *, stop: bool = False) -> bool:
     """The failure protocol: call on every rank after rank-local work, before the next collective.
 
     Every rank contributes its held exception (or ``None``); if any rank has one, every rank raises
     :class:`RankFailure` naming each failing rank and its cause. A single process re-raises ``error``.
+    ``stop``: this rank was asked to stop (a signal); returns whether any rank was (in the same
+    all-reduce, so a stop costs no extra collective).
     """
     if not ctx.enabled:
         if error is not None:
             raise error
-        return
+        return stop
     if isinstance(error, RankFailure):  # already known to every rank
         raise error
     import torch.distributed as dist
 
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=ctx.comm_device)
+    flag = torch.tensor([0 if error is None else 1, int(stop)], dtype=torch.int64, device=ctx.comm_device)
     dist.all_reduce(flag)
-    if int(flag) == 0:
-        return
+    if int(flag[0]) == 0:
+        return bool(flag[1])
     mine = None if error is None else (*_describe(error),)
     everyone: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine)
     failures = [(r, msg, rec) for r, item in enumerate(everyone) if item is not None for msg, rec in [item]]
     raise RankFailure(failures) from error
+
+
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank calls it at the same point)."""
+    if not ctx.enabled:
+        return flag
+    return bool(all_reduce(ctx, torch.tensor([int(flag)], dtype=torch.int64), "max")[0])
+
+
+def agree(ctx: DistContext, error: BaseException | None, cls: type[Exception]) -> None:
+    """:func:`check_errors` for a failure every rank handles alike (a damaged checkpoint, a failed write): if
+    any rank has ``error``, every rank raises ``cls`` with each distinct cause once. A single process re-raises
+    ``error`` itself."""
+    try:
+        check_errors(ctx, error)
+    except RankFailure as e:
+        from otca_fast.checkpoint import disk_full_errno
+
+        out = cls("; ".join(dict.fromkeys(msg for _, msg, _ in e.failures)))
+        if isinstance(out, OSError):
+            out.errno = disk_full_errno(out)
+        raise out from error
 
 
 def _store():
@@ -502,9 +531,10 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, mode
     """Write the sharded checkpoint of ``step`` (a collective: every rank calls it).
 
     Every rank writes its shards into ``.step_<8-digit step>.tmp-sharded/dcp``; rank 0 adds
-    ``state.pt`` and ``config.yaml`` and publishes the directory
-    (:func:`otca_fast.checkpoint.publish_checkpoint`: synced, renamed into place, all but the newest
-    ``keep_last`` pruned). A failure on any rank is raised on every rank and leaves the previous
+    ``state.pt`` (with the manifest of every file and its size) and ``config.yaml`` and publishes the
+    directory (:func:`otca_fast.checkpoint.publish_checkpoint`: synced, renamed into place, all but the newest
+    ``keep_last`` pruned). A non-finite value on any rank, or a full disk, raises
+    :class:`otca_fast.checkpoint.CheckpointWriteError` on every rank, and any failure leaves the previous
     checkpoints as they were.
     """
     import torch.distributed.checkpoint as dcp
@@ -515,16 +545,6 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, mode
     root = Path(output_dir)
     final = root / ckpt.CHECKPOINT_SUBDIR / f"step_{step:08d}"
     tmp = final.parent / f".{final.name}.tmp-sharded"
-    error = None
-    if ctx.is_main:
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            error = e
-    check_errors(ctx, error)
     content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
     # an optimizer that has never stepped has no state; get_optimizer_state_dict would initialise it
     # with a zero-gradient step (moving AdamW's step count), so it is left out until it has stepped
@@ -533,18 +553,40 @@ def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, mode
         content["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
     if ema is not None:
         content["ema"] = dict(ema)
-    dcp.save(content, checkpoint_id=str(tmp / ckpt.DCP_SUBDIR))
+    # never a checkpoint of non-finite values: each rank checks its shards, all decide together
+    agree(ctx, ckpt.nonfinite_state(final, content, f" on rank {ctx.rank}"), ckpt.CheckpointWriteError)
+    needed = int(all_reduce(ctx, torch.tensor([ckpt.tensor_bytes(content)], dtype=torch.float64))[0])
     error = None
     if ctx.is_main:
         try:
-            torch.save({**state, "step": step, "world_size": ctx.world_size, "strategy": ctx.strategy,
-                        "has_optimizer_state": has_optim}, tmp / "state.pt")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = ckpt.write_failure(e, final, needed) or e
+    agree(ctx, error, ckpt.CheckpointWriteError)
+    error = None
+    try:
+        dcp.save(content, checkpoint_id=str(tmp / ckpt.DCP_SUBDIR))
+    except Exception as e:  # noqa: BLE001 - decided together below; a full disk is said to be one
+        error = ckpt.write_failure(e, final, needed) or e
+    if error is not None and ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    agree(ctx, error, ckpt.CheckpointWriteError)
+    error = None
+    if ctx.is_main:
+        try:
             if config_yaml is not None:
                 (tmp / "config.yaml").write_text(config_yaml)
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            ckpt.torch_save({**state, "step": step, "world_size": ctx.world_size, "strategy": ctx.strategy,
+                             "has_optimizer_state": has_optim, "files": files}, tmp / "state.pt")
             ckpt.publish_checkpoint(tmp, final, keep_last)
         except OSError as e:
-            error = e
-    check_errors(ctx, error)
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = ckpt.write_failure(e, final, needed) or e
+    agree(ctx, error, ckpt.CheckpointWriteError)
     return final
 
 
@@ -578,9 +620,15 @@ def load_checkpoint(ctx: DistContext, path: str | Path, *, model: torch.nn.Modul
 
     p = Path(path)
     names = list(named_trainable)
+    optimizer.state.clear()  # the checkpoint's state replaces it (and a failed earlier attempt leaves nothing)
     if not ckpt.is_sharded(p):
-        # the single-process layout: every rank reads the full tensors and keeps its part
-        c = ckpt.load_checkpoint(p, map_location="cpu")
+        # the single-process layout: every rank reads (and verifies) the full tensors and keeps its part
+        c, error = None, None
+        try:
+            c = ckpt.load_checkpoint(p, map_location="cpu")
+        except ckpt.CheckpointError as e:
+            error = e
+        agree(ctx, error, ckpt.CheckpointError)
         _check_names(p, names, c["weights"])
         set_model_state_dict(model, {n: c["weights"][n] for n in names}, options=_options(full_state_dict=True))
         saved = c["optimizer"]
@@ -597,8 +645,16 @@ def load_checkpoint(ctx: DistContext, path: str | Path, *, model: torch.nn.Modul
 
     import torch.distributed.checkpoint as dcp
 
-    state = torch.load(p / "state.pt", map_location="cpu", weights_only=True)
-    meta = dcp.FileSystemReader(str(p / ckpt.DCP_SUBDIR)).read_metadata()
+    # the sharded layout: every file the manifest lists, and the DCP metadata, before any collective read
+    state, meta, error = None, None, None
+    try:
+        state = ckpt.read_state(p)
+        meta = dcp.FileSystemReader(str(p / ckpt.DCP_SUBDIR)).read_metadata()
+    except ckpt.CheckpointError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+        error = ckpt.unreadable(p / ckpt.DCP_SUBDIR / ".metadata", e)
+    agree(ctx, error, ckpt.CheckpointError)
     saved_keys = {k.split(".", 1)[1] for k in meta.state_dict_metadata if k.startswith("model.")}
     _check_names(p, names, saved_keys)
     content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
@@ -609,9 +665,21 @@ def load_checkpoint(ctx: DistContext, path: str | Path, *, model: torch.nn.Modul
         if not any(k.startswith("ema.") for k in meta.state_dict_metadata):
             raise ConfigError(f"checkpoint {p} has no EMA weights but train.ema.enabled is true")
         content["ema"] = dict(ema)
-    with warnings.catch_warnings():  # a single process loading: "assuming the intent is to load in a single process"
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(content, checkpoint_id=str(p / ckpt.DCP_SUBDIR))
+    error = None
+    try:
+        with warnings.catch_warnings():  # one process loading: "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(content, checkpoint_id=str(p / ckpt.DCP_SUBDIR))
+    except Exception as e:  # noqa: BLE001 - a shard that does not read is damage
+        error = ckpt.unreadable(p / ckpt.DCP_SUBDIR, e)
+    agree(ctx, error, ckpt.CheckpointError)
+    error = None
+    for key in ("model", "optim", "ema"):  # every rank checks the shards it read
+        bad = ckpt.first_nonfinite(content.get(key), key)
+        if bad is not None:
+            error = ckpt.CheckpointError(f"{p / ckpt.DCP_SUBDIR}: {bad} (rank {ctx.rank}'s shard)")
+            break
+    agree(ctx, error, ckpt.CheckpointError)
     set_model_state_dict(model, content["model"], options=_options())
     if has_optim:
         set_optimizer_state_dict(model, optimizer, content["optim"], options=_options())

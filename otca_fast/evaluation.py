@@ -118,13 +118,15 @@ def evaluation_noise(rows: int, latent_shape: Sequence[int], seed: int, *, devic
 def sample_and_score(backbone, prompts: Sequence[str], noise: torch.Tensor, *, sigmas: torch.Tensor,
                      batch_size: int, guidance_scale: float, negative_prompt: str, rewards: Sequence,
                      metrics: Sequence, step: int, autocast: Callable = contextlib.nullcontext,
-                     keep_frames: int = 0, scorer: Callable | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                   list[torch.Tensor]]:
+                     keep_frames: int = 0, scorer: Callable | None = None,
+                     on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                list[torch.Tensor]]:
     """ODE-sample one clip per row of ``noise`` and score it: ``({key: [N]}, kept clips)``.
 
     ``rewards`` and ``metrics`` are built :class:`otca_fast.rewards.Reward` objects; ``scorer`` wraps the
     scoring function (the trainer's error protocol on several ranks). Clips are decoded and scored chunk
-    by chunk, so only ``batch_size`` clips are held at a time.
+    by chunk, so only ``batch_size`` clips are held at a time. ``on_progress`` is called after every
+    denoising step of a chunk (it may raise to abandon the evaluation: the trainer's stop points).
     """
     from otca_fast.rewards import score_metrics, score_rewards
     from otca_fast.rollout import sample_trajectories
@@ -146,7 +148,8 @@ def sample_and_score(backbone, prompts: Sequence[str], noise: torch.Tensor, *, s
         backbone, cond, sigmas=sigmas, sde_mask=torch.zeros(num_steps, dtype=torch.bool), init_noise=noise,
         prompts=prompts, batch_size=batch_size, dynamics="ode", noise_level=0.0, generator=None,
         guidance_scale=guidance_scale, uncond=uncond, autocast=autocast, step=step,
-        score_fn=scorer(score) if scorer is not None else score, reward_executor=None, keep_frames=keep_frames)
+        score_fn=scorer(score) if scorer is not None else score, reward_executor=None, keep_frames=keep_frames,
+        on_progress=on_progress)
     values = {f"reward/{r.name}": result.rewards[:, k] for k, r in enumerate(rewards)}
     if metric_chunks:
         for key in metric_chunks[0]:

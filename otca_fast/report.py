@@ -2,8 +2,10 @@
 
 * :class:`MetricsLog` — one JSON line per step in ``metrics.jsonl`` (flushed, so ``tail -f`` works)
   and the same scalars in TensorBoard (``tb/``) and, with ``run.wandb``, in Weights & Biases (with the
-  report images and the clips; :mod:`otca_fast.wandb_log`). On resume the lines past the checkpoint are
-  dropped, and TensorBoard's ``purge_step`` hides the orphaned events.
+  report images and the clips; :mod:`otca_fast.wandb_log`). On resume the lines past the checkpoint and
+  a torn last line are dropped with a warning (a missing log is recreated, saying what was lost),
+  TensorBoard's ``purge_step`` hides the orphaned events and :func:`discard_report_files_after` deletes
+  the report files of the abandoned steps.
 * :func:`plot_rewards` / :func:`plot_training` — matplotlib PNGs under ``report/``.
 * :func:`save_clip` — GIF and MP4 (imageio + ffmpeg) of a clip ``[F, C, H, W]`` in [0, 1]; PNG for images.
 * :class:`RunProgress` — rich progress bars with ETA (terminal) or one plain line per step (logs).
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "MetricsLog", "read_metrics", "truncate_metrics", "plot_rewards", "plot_training", "save_clip",
-    "RunProgress", "summary_table",
+    "MetricsLog", "read_metrics", "truncate_metrics", "discard_report_files_after", "plot_rewards", "plot_training",
+    "save_clip", "RunProgress", "summary_table",
 ]
 
 
@@ -43,40 +46,100 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         return []
-    records = []
-    for i, line in enumerate(p.read_text().splitlines()):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i + 1}: not a JSON line ({e})") from None
+    records, bad = _parse_metrics(p)
+    if bad:
+        raise ValueError(f"{p}:{bad[0]}: not a JSON line (a run resumed with --resume drops a torn line)")
     return records
 
 
-def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop the records after ``last_step`` (a resumed run rewrites them)."""
+def _parse_metrics(p: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The records of ``p`` and the numbers of the lines that are not a JSON object (a torn write)."""
+    records, bad = [], []
+    for i, line in enumerate(p.read_text(errors="replace").splitlines()):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(i + 1)
+    return records, bad
+
+
+def _step(record: dict[str, Any]) -> int:
+    return int(record.get("step", 0))
+
+
+def truncate_metrics(path: str | Path, last_step: int,
+                     drop: Callable[[dict[str, Any]], bool] | None = None) -> list[str]:
+    """Drop the records after ``last_step`` (a resumed run rewrites them), the lines that are not JSON (what a
+    full disk or a power loss leaves) and those for which ``drop(record)`` is true; returns a warning for
+    each kind of loss, including records of steps up to ``last_step`` that are missing."""
     p = Path(path)
     if not p.is_file():
-        return
-    keep = [r for r in read_metrics(p) if int(r.get("step", 0)) <= last_step]
-    tmp = p.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(p)
+        return [f"{p} is missing: the records of steps 0..{last_step} are lost (TensorBoard's tb/ may still hold "
+                f"their scalars); the log restarts at step {last_step + 1}"]
+    text = p.read_text(errors="replace")
+    records, bad = _parse_metrics(p)
+    warnings = []
+    if bad:
+        torn = "its last line is torn" if bad == [len(text.splitlines())] else \
+            f"line(s) {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''} are not JSON"
+        warnings.append(f"{p}: {torn} (an interrupted write); dropped")
+    keep = [r for r in records if _step(r) <= last_step and not (drop is not None and drop(r))]
+    past = [_step(r) for r in records if _step(r) > last_step]
+    if past:
+        warnings.append(f"{p}: dropped {len(past)} record(s) past the checkpoint (steps {min(past)}..{max(past)}); "
+                        f"the resumed run writes them again")
+    last = max((_step(r) for r in keep), default=0)
+    if last < last_step:
+        warnings.append(f"{p}: ends at step {last} but the checkpoint is at step {last_step}: the records of "
+                        f"steps {last + 1}..{last_step} are lost")
+    if bad or len(keep) != len(records) or not text.endswith("\n"):  # (a line cut before its newline too)
+        tmp = p.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(p)
+    return warnings
+
+
+def discard_report_files_after(report_dir: str | Path, step: int) -> list[Path]:
+    """Delete what the report holds of the steps after ``step`` (``report/eval/step_*.json``,
+    ``report/clips/step_*``, ``report/credit_step_*.png``): a run resumed from the checkpoint of ``step``
+    abandons those steps and must trust nothing of theirs. Returns the deleted files."""
+    root = Path(report_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for f in sorted(root.rglob("*")):
+        m = re.match(r"^(?:credit_)?step_(\d+)", f.name)
+        if m and f.is_file() and int(m.group(1)) > step:
+            f.unlink()
+            removed.append(f)
+    return removed
 
 
 class MetricsLog:
     """Append-only metrics: ``metrics.jsonl`` plus TensorBoard scalars, and wandb when ``wandb`` (a
-    ``run.wandb`` config section) is not disabled; ``run_config`` is the run's config for wandb."""
+    ``run.wandb`` config section) is not disabled; ``run_config`` is the run's config for wandb.
+
+    ``resume_step``: continue the log of a run resumed from the checkpoint of that step (records after it
+    and torn lines are dropped, each loss reported to ``warn``); ``drop`` drops more records (the trainer's
+    evaluation at the resume step, when it runs it again)."""
 
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None,
-                 wandb=None, run_config: dict[str, Any] | None = None):
+                 wandb=None, run_config: dict[str, Any] | None = None, warn: Callable[[str], None] | None = None,
+                 drop: Callable[[dict[str, Any]], bool] | None = None):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
         else:
-            truncate_metrics(self.path, resume_step)
+            for message in truncate_metrics(self.path, resume_step, drop):
+                if warn is not None:
+                    warn(message)
         self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
         self._tb = None
         if tensorboard:

@@ -20,19 +20,91 @@ same σ and the same batch composition, so on-policy ratios come out exactly 1.
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 
 from otca_fast import ops
 
-__all__ = ["NonFiniteError", "RolloutResult", "sample_trajectories", "sde_step_mask", "chunks", "share_chunks"]
+__all__ = ["NonFiniteError", "RolloutResult", "RewardWorker", "sample_trajectories", "sde_step_mask", "chunks",
+           "share_chunks"]
 
 
 class NonFiniteError(RuntimeError):
     """A NaN/Inf appeared in a log-prob, a latent or the loss; the message says where."""
+
+
+class RewardWorker(Executor):
+    """One background thread that scores rewards while the next chunk samples (``sample.async_rewards``).
+
+    Unlike a ``ThreadPoolExecutor``, whose worker threads the interpreter joins at exit, the thread is a
+    daemon: a reward call still running when the run stops (Ctrl-C, a fatal error) is abandoned, and the
+    process exits within seconds instead of waiting for a slow reward model to return. Nothing is
+    recorded from an abandoned call: its future is never read.
+    """
+
+    def __init__(self, name: str = "otca-rewards"):
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._closed:
+            raise RuntimeError("RewardWorker: submit after shutdown")
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future
+                future.set_exception(e)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work. ``cancel_futures``: drop what has not started; ``wait``: wait for the call running
+        now (the trainer never does: that call is abandoned)."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._queue.put(None)
+        if wait and self._thread is not None:
+            self._thread.join()
+
+
+def _result(future: Future, poll: Callable[[], None] | None):
+    """``future.result()``; while it is not ready, ``poll()`` about every 0.2 s (it may raise to stop waiting)."""
+    if poll is None:
+        return future.result()
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except FutureTimeout:
+            poll()
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -117,10 +189,10 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
                         generator: torch.Generator | None, guidance_scale: float = 1.0, uncond=None,
                         buffer=None, x0_buffer=None, autocast: Callable[[], contextlib.AbstractContextManager]
                         = contextlib.nullcontext, step: int = 0, score_fn=None,
-                        reward_executor: ThreadPoolExecutor | None = None, keep_frames: int = 0,
+                        reward_executor: Executor | None = None, keep_frames: int = 0,
                         keep_final: bool = False, step_reward_fn: Callable | None = None,
                         on_progress: Callable[[int], None] | None = None, rows: slice | None = None,
-                        total_rows: int | None = None) -> RolloutResult:
+                        total_rows: int | None = None, poll: Callable[[], None] | None = None) -> RolloutResult:
     """Sample ``init_noise.shape[0]`` trajectories; see the module docstring for the math.
 
     ``cond``/``uncond`` are PromptEmbeds for all N rows (uncond for one chunk is taken by index).
@@ -130,7 +202,9 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
     x0_preds, frames)`` gets a chunk's T clean-sample predictions and its decoded frames and returns
     whatever per-step scores the caller wants (concatenated over chunks into ``step_rewards``; the
     trainer's otca_timing hook). ``keep_frames`` decoded clips are returned for the report. Runs
-    under ``torch.no_grad()``.
+    under ``torch.no_grad()``. ``on_progress(rows)`` is called after every denoising step of a chunk and
+    ``poll()`` while waiting for the rewards of ``reward_executor``; either may raise to abandon the
+    rollout (the trainer's stop points, :mod:`otca_fast.preemption`).
 
     Distributed share: with ``rows`` (and ``total_rows``) the N rows given are the global rows ``rows``
     of a batch of ``total_rows`` (one rank's contiguous share). The rows are then chunked along the
@@ -230,7 +304,7 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
         parts = []
         for _, f in futures:
             # .result() re-raises a RewardError from the worker thread here, in the training thread
-            parts.append(f.result() if isinstance(f, Future) else f)
+            parts.append(_result(f, poll) if isinstance(f, Future) else f)
         result.rewards = torch.cat(parts, 0)
     if step_rewards:
         result.step_rewards = torch.cat(step_rewards, 0)

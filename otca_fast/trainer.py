@@ -20,6 +20,11 @@ Then metrics (``metrics.jsonl``, TensorBoard), checkpoints (atomic, last N kept)
 held-out prompts (EMA weights, ODE sampling, fixed seed; clips as GIF/MP4), plots under
 ``report/`` and a summary table at the end.
 
+Crash consistency: the run holds ``run.output_dir`` locked (:mod:`otca_fast.runlock`); ``--resume`` loads
+the newest checkpoint that verifies and sets damaged newer ones aside (:mod:`otca_fast.checkpoint`), and
+drops what the abandoned steps left in the log and the report; SIGTERM/SIGUSR1 stop the loop at its next
+stop point with a checkpoint (:mod:`otca_fast.preemption`).
+
 Several ranks (``torchrun``, :mod:`otca_fast.distributed`): each rank samples and trains a contiguous
 share of the N rows; the rewards and the per-sample credit inputs are all-gathered so every rank
 builds the same advantages of the whole batch; the loss is normalised over all ranks' pairs; a
@@ -43,14 +48,13 @@ import resource
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from otca_fast import checkpoint as ckpt
-from otca_fast import distributed, ops, report
+from otca_fast import distributed, ops, report, runlock
 from otca_fast.config import Config, ConfigError
 from otca_fast.evaluation import (
     Evaluation,
@@ -61,7 +65,8 @@ from otca_fast.evaluation import (
     metric_part_keys,
     sample_and_score,
 )
-from otca_fast.rollout import NonFiniteError, chunks, sample_trajectories, sde_step_mask, share_chunks
+from otca_fast.preemption import StopRequested, StopSignals, TrainingStopped
+from otca_fast.rollout import NonFiniteError, RewardWorker, chunks, sample_trajectories, sde_step_mask, share_chunks
 from otca_fast.wandb_log import ID_FILE as WANDB_ID_FILE
 
 __all__ = ["Trainer", "TrainingError", "PromptSampler", "adapters_disabled", "add_lora_adapters", "read_prompts",
@@ -73,7 +78,12 @@ TIMING_KEYS = ("samples_per_s", "time/rollout_s", "time/update_s", "time/step_s"
 
 
 class TrainingError(RuntimeError):
-    """Training stopped on a failure that the message locates (step, timestep, reward, prompt)."""
+    """Training stopped on a failure that the message locates (step, timestep, reward, prompt).
+
+    ``all_ranks``: every rank raised it at the same point (a failure they agreed on), so the job can be
+    torn down in order and the message is printed once."""
+
+    all_ranks = False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,23 +231,38 @@ class Trainer:
         self.step = 0
         self.optimizer_steps = 0
         self._closed = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: RewardWorker | None = None
         self.metrics: report.MetricsLog | None = None
         self.progress = report.RunProgress("none", total_steps=cfg.train.max_steps)
         self._updated_this_step = False  # an optimizer step happened since the last step's start
         self._held_error: BaseException | None = None  # a reward failure held until the rollout's end (ranks)
+        self._lock: runlock.RunLock | None = None  # run.output_dir, held by rank 0 for the run's life
+        self._stop = StopSignals(announce=self._announce if self.dist.is_main else None)  # SIGTERM / SIGUSR1
+        self._stop_state: dict[str, Any] | None = None  # what a stop checkpoints while a step is under way
+        self._evaluating: int | None = None  # the step of the evaluation under way
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.close()  # the lock, the process group, the buffers: a failed set-up leaves nothing held
+            raise
 
-        # --- where the run lives -----------------------------------------------------------------
-        latest = ckpt.latest_checkpoint(self.output_dir)
-        if resume and latest is None:
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
+        # --- where the run lives: one run per directory, the leftovers of a killed write removed ---------
+        self._lock = self._take_lock()
+        if self.dist.is_main:
+            for done in ckpt.remove_stale_temporaries(self.output_dir):
+                self._warn(f"{self.output_dir / ckpt.CHECKPOINT_SUBDIR}: {done}")
+        found = ckpt.checkpoint_dirs(self.output_dir)
+        if resume and not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.output_dir / ckpt.CHECKPOINT_SUBDIR} "
                                     f"(run without --resume to start a new run)")
         if resume and overwrite:
             raise ConfigError("--resume and --overwrite exclude each other (continue a run, or start it over)")
-        if not resume and latest is not None:
+        if not resume and found:
             if not overwrite:
                 raise FileExistsError(f"run.output_dir {self.output_dir} already holds a run (latest checkpoint: "
-                                      f"{latest.name}); pass --resume to continue it, --overwrite to start it "
+                                      f"{found[-1][1].name}); pass --resume to continue it, --overwrite to start it "
                                       f"over, or choose another run.output_dir")
             if self.dist.is_main:
                 self._remove_previous_run()
@@ -347,19 +372,34 @@ class Trainer:
             self.x0_buffer = TrajectoryBuffer(self.local_samples, t, self.latent_shape, dtype=self.latent_dtype,
                                               device=self.device)
         if cfg.sample.async_rewards:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otca-rewards")
+            self._executor = RewardWorker()
 
-        # --- resume --------------------------------------------------------------------------------------
+        # --- resume: the newest checkpoint that verifies; damaged newer ones are set aside ------------------
         if resume:
-            self._load_checkpoint(latest)
+            _, _, skipped = ckpt.load_newest_valid(self.output_dir, self._load_checkpoint, self._warn)
+            if self.dist.is_main:
+                for path, _ in skipped:
+                    self._warn(f"moved the damaged checkpoint {path.name} aside to {ckpt.set_aside(path).name}")
+            distributed.barrier(self.dist)
         self.report_dir = self.output_dir / "report"
+        # the evaluation of the resume step, when it was cut short (a stop or a crash during it), runs again
+        cut_short = resume and self._evaluation_due(self.step) and not self._evaluation_file(self.step).is_file()
+        self._evaluate_first = not resume or distributed.any_rank(self.dist, cut_short)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(cfg.to_yaml())
             self.report_dir.mkdir(exist_ok=True)
-            self.metrics = report.MetricsLog(self.output_dir, tensorboard=cfg.run.tensorboard,
-                                             resume_step=self.step if resume else None, wandb=cfg.run.wandb,
-                                             run_config=cfg.model_dump(mode="json"))
+            if resume:  # nothing of the abandoned steps is trusted: their evaluations, clips and plots go
+                removed = report.discard_report_files_after(self.report_dir, self.step)
+                if removed:
+                    self._warn(f"{self.report_dir}: removed {len(removed)} file(s) of the steps after the checkpoint "
+                               f"(step {self.step}): {', '.join(f.name for f in removed[:4])}"
+                               f"{', ...' if len(removed) > 4 else ''}")
+            at, rerun = self.step, self._evaluate_first and resume
+            self.metrics = report.MetricsLog(
+                self.output_dir, tensorboard=cfg.run.tensorboard, resume_step=self.step if resume else None,
+                wandb=cfg.run.wandb, run_config=cfg.model_dump(mode="json"), warn=self._warn,
+                drop=(lambda r: r.get("step") == at and any(k.startswith("eval/") for k in r)) if rerun else None)
         else:
             self.metrics = distributed.NullMetrics()
         self.last_credit_info: dict[str, Any] | None = None
@@ -369,10 +409,36 @@ class Trainer:
         base_file = self._evaluation_file(0)
         if resume and base_file.is_file():
             self.base_evaluation = Evaluation.load(base_file)
+        elif resume and cfg.eval.enabled and self.step > 0:
+            self._warn(f"{base_file} is missing: the evaluations of this run are compared with the next one instead "
+                       f"of the base model's")
 
     # ============================================================================================
     # set-up
     # ============================================================================================
+
+    def _take_lock(self) -> runlock.RunLock | None:
+        """Rank 0 locks ``run.output_dir`` for the run's life; if another run holds it, every rank fails."""
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = runlock.acquire(self.output_dir, warn=self._warn,
+                                       note=f"torchrun, {self.dist.world_size} ranks" if self.dist.enabled else None)
+            except runlock.RunLockError as e:
+                error = e
+        distributed.agree(self.dist, error, runlock.RunLockError)
+        return lock
+
+    def _warn(self, message: str) -> None:
+        from rich.markup import escape
+
+        self.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    @staticmethod
+    def _announce(message: str) -> None:
+        # called from a signal handler: plain stderr, no console lock
+        sys.stderr.write(f"otca-train: {message}\n")
+        sys.stderr.flush()
 
     def _remove_previous_run(self) -> None:
         """``--overwrite``: delete what an earlier run wrote here (only the trainer's own outputs)."""
@@ -466,33 +532,44 @@ class Trainer:
     # ============================================================================================
 
     def train(self) -> list[dict[str, Any]]:
-        """Run until ``train.max_steps``; returns the metric records of this run."""
+        """Run until ``train.max_steps``; returns the metric records of this run.
+
+        Raises :class:`TrainingError` when training stops on a failure (the last good state checkpointed when
+        it can be), and :class:`otca_fast.preemption.TrainingStopped` after a SIGTERM or SIGUSR1 arrived while
+        it ran (the state to resume from checkpointed)."""
         cfg = self.cfg
         progress = report.RunProgress(cfg.run.progress if self.dist.is_main else "none",
                                       total_steps=cfg.train.max_steps, start_step=self.step,
                                       log_every=cfg.run.log_every, console=self.console)
         self.progress = progress
         records = []
-        try:
-            progress.print(self._banner())
-            if self.step == 0:
-                self._guarded(0, lambda: self.evaluate(0), self._state_for_checkpoint())
-            while self.step < cfg.train.max_steps:
-                step = self.step + 1
-                good_state = self._state_for_checkpoint()  # the last good state, should step fail
-                record = self._guarded(step, lambda s=step: self.train_step(s), good_state)
-                self.step = step
-                records.append(self.metrics.log(step, record))
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-                    self.save_checkpoint()
-                if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
-                    self._guarded(step, lambda s=step: self.evaluate(s), None)
-                if ((cfg.run.plot_every and step % cfg.run.plot_every == 0) or step == cfg.train.max_steps) \
-                        and self.dist.is_main:
-                    self.write_plots(step)
-                progress.step_done(step, self._summary_line(record))
-        finally:
-            progress.close()
+        # SIGTERM / SIGUSR1 (preemption): stop at the next stop point with a checkpoint, see _stopped
+        with self._stop.installed():
+            try:
+                progress.print(self._banner())
+                if self._evaluate_first:
+                    at = self.step
+                    self._guarded(at, lambda: self.evaluate(at), self._state_for_checkpoint() if at == 0 else None)
+                while self.step < cfg.train.max_steps:
+                    step = self.step + 1
+                    self._stop_point()
+                    good_state = self._state_for_checkpoint()  # the last good state, should step fail or stop
+                    self._stop_state = good_state
+                    record = self._guarded(step, lambda s=step: self.train_step(s), good_state)
+                    self.step, self._stop_state, self._updated_this_step = step, None, False
+                    records.append(self.metrics.log(step, record))
+                    if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                        self._save_or_stop(step, self._state_for_checkpoint())
+                    if self._evaluation_due(step) and step > 0:
+                        self._guarded(step, lambda s=step: self.evaluate(s), None)
+                    if ((cfg.run.plot_every and step % cfg.run.plot_every == 0) or step == cfg.train.max_steps) \
+                            and self.dist.is_main:
+                        self.write_plots(step)
+                    progress.step_done(step, self._summary_line(record))
+            except StopRequested as stop:
+                raise self._stopped(stop) from None
+            finally:
+                progress.close()
         if records and self.dist.is_main:
             from rich.console import Console
 
@@ -503,6 +580,56 @@ class Trainer:
             console = self.console if self.console.is_terminal else Console(file=self.console.file, width=160)
             console.print(table)
         return records
+
+    def _evaluation_due(self, step: int) -> bool:
+        """Whether the loop evaluates at ``step`` (at the start, every ``eval.every`` steps, at the end)."""
+        e = self.cfg.eval
+        return e.enabled and (step == 0 or bool(e.every and step % e.every == 0) or step == self.cfg.train.max_steps)
+
+    # --- stops (preemption) and checkpoint writes ---------------------------------------------------
+
+    def _stop_point(self) -> None:
+        """A stop point: raise :class:`StopRequested` if a stop signal arrived, on any rank (an all-reduce, so
+        every rank stops at this same point). Never once the step has updated the weights: it is finished
+        first, the checkpoint then taken at its end."""
+        if self._updated_this_step:
+            return
+        if distributed.any_rank(self.dist, self._stop.requested is not None):
+            raise StopRequested(self._stop.requested or "a stop signal to another rank")
+
+    def _poll_stop(self) -> None:
+        """The stop point while waiting for this rank's rewards (ranks are not in step there: on several ranks
+        the request is agreed on by :meth:`_rank_local` before anyone stops)."""
+        if self._stop.requested is not None and not self._updated_this_step:
+            raise StopRequested(self._stop.requested, local=self.dist.enabled)
+
+    def _stopped(self, stop: StopRequested) -> TrainingStopped:
+        """Checkpoint the state to resume from after a stop signal; the exception that ends the run."""
+        state = self._stop_state if self._stop_state is not None else self._state_for_checkpoint()
+        step = int(state["step"])
+        if self._stop_state is not None:
+            what = f"during step {step + 1} (abandoned: it had not updated the weights; it runs again on resume)"
+        elif self._evaluating is not None:
+            what = f"during the evaluation at step {step} (abandoned: it runs again on resume)"
+        else:
+            what = f"after step {step}"
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        # the checkpoint of this very state may be written already (at the step's end, or the one resumed from)
+        path = latest if latest is not None and latest.name == f"step_{step:08d}" else self._save_or_stop(step, state)
+        return TrainingStopped(f"stopped by {stop.signal_name} {what}; the state after step {step} is checkpointed "
+                               f"in {path}; continue with --resume", signal_name=stop.signal_name, step=step,
+                               checkpoint=path)
+
+    def _save_or_stop(self, step: int, state: dict[str, Any]) -> Path:
+        """Write a checkpoint; a write that fails (a full disk, non-finite weights) stops training with a
+        :class:`TrainingError` naming the latest checkpoint that is intact."""
+        try:
+            return self._write_checkpoint(step, state)
+        except ckpt.CheckpointWriteError as e:
+            latest = ckpt.latest_checkpoint(self.output_dir)
+            error = TrainingError(f"step {step}: {e} (latest checkpoint: {latest if latest is not None else 'none'})")
+            error.all_ranks = self.dist.enabled  # agreed on by every rank (distributed.agree)
+            raise error from e
 
     def _guarded(self, step: int, fn, good_state: dict[str, Any] | None):
         """Run ``fn``; on a reward failure or a non-finite value, checkpoint the last good state and stop."""
@@ -526,17 +653,20 @@ class Trainer:
         On several ranks every rank gets here together (the failure was announced by
         ``distributed.check_errors``), so the checkpoint is written collectively."""
         latest = ckpt.latest_checkpoint(self.output_dir)
-        if good_state is None:
-            # evaluation after a completed step: the training state itself is sound
-            return f"; the state after step {step} is checkpointed in {self.save_checkpoint()}"
-        if self._updated_this_step:
-            # an optimizer update already ran in this step, so the weights are no longer those of
-            # the state captured before it; do not write a checkpoint that mixes the two
-            return (f"; the weights were already updated in step {step}, so no new checkpoint is written "
-                    f"(latest: {latest if latest is not None else 'none'})")
-        if step > 0:
-            path = self._write_checkpoint(step - 1, good_state)
-            return f"; the last good state (step {step - 1}) is checkpointed in {path}"
+        try:
+            if good_state is None:
+                # evaluation after a completed step: the training state itself is sound
+                return f"; the state after step {step} is checkpointed in {self.save_checkpoint()}"
+            if self._updated_this_step:
+                # an optimizer update already ran in this step, so the weights are no longer those of
+                # the state captured before it; do not write a checkpoint that mixes the two
+                return (f"; the weights were already updated in step {step}, so no new checkpoint is written "
+                        f"(latest: {latest if latest is not None else 'none'})")
+            if step > 0:
+                path = self._write_checkpoint(step - 1, good_state)
+                return f"; the last good state (step {step - 1}) is checkpointed in {path}"
+        except ckpt.CheckpointWriteError as e:
+            return f"; the last good state could not be checkpointed: {e} (latest: {latest or 'none'})"
         return ""
 
     def _rank_local(self, fn, *, forwards: bool = False):
@@ -553,16 +683,23 @@ class Trainer:
         if not self.dist.enabled:
             return fn()
         self._forwards_done = not (forwards and self.dist.strategy == "fsdp")
-        error, out = None, None
+        error, out, stop = None, None, False
         try:
             out = fn()
         except distributed.RankFailure:
             raise
+        except StopRequested as e:
+            if not e.local:  # a stop point every rank passed together: all raise it here
+                raise
+            stop = True  # this rank stopped waiting for its rewards: the ranks agree below
         except Exception as e:  # noqa: BLE001 - held, then raised on every rank by check_errors
             if not self._forwards_done:
                 raise TrainingError(distributed.fatal_message(self.dist, e)) from e
             error = e
-        distributed.check_errors(self.dist, error)
+        # also a stop point: the same all-reduce carries every rank's stop request
+        stop = stop or (self._stop.requested is not None and not self._updated_this_step)
+        if distributed.check_errors(self.dist, error, stop=stop):
+            raise StopRequested(self._stop.requested or "a stop signal to another rank")
         return out
 
     def _scorer(self, score, columns: int | None = None):
@@ -661,6 +798,10 @@ class Trainer:
 
         return score_rewards(self.rewards, frames, prompts, step=step)
 
+    def _rollout_progress(self, rows: int) -> None:
+        self.progress.advance("rollout", rows)
+        self._stop_point()  # after every denoising step of a chunk
+
     def rollout(self, step: int, prompts: list[str]) -> dict[str, Any]:
         """Sample the step's N trajectories into the buffer; score them. Returns what training needs."""
         cfg = self.cfg.sample
@@ -699,7 +840,7 @@ class Trainer:
             generator=self.generators["noise"], guidance_scale=cfg.guidance_scale, uncond=uncond,
             buffer=self.buffer, x0_buffer=self.x0_buffer, autocast=self._autocast, step=step,
             score_fn=self._scorer(self._score), reward_executor=self._executor, step_reward_fn=step_reward_fn,
-            on_progress=lambda b: self.progress.advance("rollout", b), rows=share, total_rows=total)
+            on_progress=self._rollout_progress, rows=share, total_rows=total, poll=self._poll_stop)
         self._raise_held()
         step_rewards = None
         if step_reward_fn is not None:
@@ -951,6 +1092,7 @@ class Trainer:
                 for rows in part:
                     all_ids = torch.arange(rows.start, rows.stop)
                     for j in range(m):
+                        self._stop_point()  # until the step's first optimizer update
                         keep = valid[rows, j]
                         if held is not None or not bool(keep.any()):
                             if lockstep and bool(per_rank[:, rows, j].any()):
@@ -1103,11 +1245,14 @@ class Trainer:
                     self.backbone, prompts, noise, sigmas=self.eval_sigmas, batch_size=cfg.sample.batch_size,
                     guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt, rewards=self.rewards,
                     metrics=self.eval_metrics, step=step, autocast=self._autocast, scorer=self._scorer,
-                    keep_frames=cfg.eval.max_clips if cfg.eval.save_clips and self.dist.is_main else 0)
+                    keep_frames=cfg.eval.max_clips if cfg.eval.save_clips and self.dist.is_main else 0,
+                    on_progress=lambda _: self._stop_point())
                 self._raise_held()
                 return result
 
+            self._evaluating = step  # left set if the evaluation does not finish: a stop or Ctrl-C says where
             rows, clips = self._rank_local(sample, forwards=True)
+            self._evaluating = None
         rows = {key: distributed.all_gather_rows(self.dist, value)[:total] for key, value in rows.items()}
         evaluation = Evaluation.from_rows(step, self.eval_prompts, cfg.eval.samples_per_prompt, cfg.eval.seed, rows)
         record = evaluation.log_record(dict(zip(self.reward_names, self.reward_weights)))
@@ -1120,12 +1265,12 @@ class Trainer:
             record["eval/hacking_metrics"] = [alarm.metric for alarm in alarms]  # marked on report/rewards.png
             for alarm in alarms:
                 self.progress.print(f"warning: {alarm.message()}")
-        if self.dist.is_main:
-            evaluation.save(self._evaluation_file(step))
         self.metrics.log(step, record)
         for i, frames in enumerate(clips):
             paths = report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
             self.metrics.add_clip(f"eval/clip_{i:02d}", paths, step, fps=cfg.eval.fps)
+        if self.dist.is_main:  # last: its presence says the evaluation is complete (a resume runs it again if not)
+            evaluation.save(self._evaluation_file(step))
         return record
 
     # ============================================================================================
@@ -1199,6 +1344,8 @@ class Trainer:
         return self._write_checkpoint(self.step, self._state_for_checkpoint())
 
     def _load_checkpoint(self, path: Path) -> None:
+        """Load the checkpoint ``path`` into the run; :class:`otca_fast.checkpoint.CheckpointError` (on every rank
+        together) when it does not verify: a file missing, unreadable or truncated, or a NaN/Inf in it."""
         if self.dist.enabled or ckpt.is_sharded(path):
             # any layout onto any number of ranks, either strategy: by parameter name, through
             # torch.distributed.checkpoint.state_dict (each rank keeps its part)
@@ -1213,6 +1360,7 @@ class Trainer:
             self._restore_state(path, state, config.read_text() if config.is_file() else None)
             return
         c = ckpt.load_checkpoint(path, map_location="cpu")
+        self._check_state(path, c["state"])
         missing = sorted(set(self.named_trainable) - set(c["weights"]))
         extra = sorted(set(c["weights"]) - set(self.named_trainable))
         if missing or extra:
@@ -1232,7 +1380,14 @@ class Trainer:
             self.ema.load_state_dict(ema_state)
         self._restore_state(path, state, c["config_yaml"])
 
+    @staticmethod
+    def _check_state(path: Path, state: dict[str, Any]) -> None:
+        missing = [key for key in ("rng", "sampler", "optimizer_steps") if key not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{Path(path) / 'state.pt'}: not a training state (no {missing})")
+
     def _restore_state(self, path: Path, state: dict[str, Any], config_yaml: str | None) -> None:
+        self._check_state(path, state)
         self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
         if self.dist.enabled or int(state.get("world_size", 1)) > 1:
@@ -1243,7 +1398,7 @@ class Trainer:
         self.step = int(state["step"])
         self.optimizer_steps = int(state["optimizer_steps"])
         self._warn_config_changes(config_yaml)
-        self.console.print(f"resumed from {path} (step {self.step})", highlight=False)
+        self.console.print(f"resumed from {path} (step {self.step})", highlight=False, soft_wrap=True)
 
     def _warn_config_changes(self, saved_yaml: str | None) -> None:
         import yaml
@@ -1280,12 +1435,15 @@ class Trainer:
             return
         self._closed = True
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            # a reward call still running (Ctrl-C during a slow reward) is abandoned, not waited for
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.close()
         for buf in (getattr(self, "buffer", None), getattr(self, "x0_buffer", None)):
             if buf is not None:
                 buf.close()
+        if self._lock is not None:
+            self._lock.release()
         if self._owns_dist:
             distributed.shutdown(self.dist)
 

@@ -4,7 +4,9 @@
   trainer's CLI (``otca_fast.train.main``) and saves what every rank computed — the advantages
   ``A [N, T]`` of every step and the rank's own rows — to ``DUMP/rank{R}.pt``.
   With ``OTCA_TEST_BREAK_ROLLOUT=R:S`` a rollout forward raises on rank R from step S on (a failure
-  that cannot be held until a check point under FSDP).
+  that cannot be held until a check point under FSDP). With ``OTCA_TEST_SIGTERM_AT=S`` rank 0 sends
+  SIGTERM to torchrun (its parent) as step S's rollout starts: torchrun forwards it to every worker,
+  as when a scheduler preempts the job. The exit status of every rank goes to ``DUMP/exit{R}.txt``.
 * ``dist_worker:Pixel`` / ``OtherPixel``: one pixel's value as a reward (no 8-bit rounding), for the 1-vs-2-process
   equality tests.
 * ``dist_worker:FailOnRank`` is a user reward (``package.module:callable``) that raises on one rank
@@ -107,7 +109,20 @@ def main() -> int:
             return real_sample(backbone, *args, step=step, **kwargs)
 
         trainer_module.sample_trajectories = breaking
+    sigterm_at = os.environ.get("OTCA_TEST_SIGTERM_AT")
+    if sigterm_at:
+        import signal
+
+        real_rollout = Trainer.rollout
+
+        def preempted(self, step, prompts):
+            if step == int(sigterm_at) and self.dist.rank == 0:
+                os.kill(os.getppid(), signal.SIGTERM)
+            return real_rollout(self, step, prompts)
+
+        Trainer.rollout = preempted
     code = train.main(sys.argv[2:])
+    (dump / f"exit{os.environ.get('RANK', '0')}.txt").write_text(str(code))
     for record in seen:
         record["idle_passes"] = idle[0]  # FSDP lockstep passes of this rank over the whole run
     torch.save(seen, dump / f"rank{os.environ.get('RANK', '0')}.pt")

@@ -268,6 +268,28 @@ def test_a_rank_failing_inside_an_fsdp_forward_ends_the_job(tmp_path):
     assert ckpt.load_checkpoint(out / "checkpoints" / "step_00000001")["step"] == 1
 
 
+def test_sigterm_to_torchrun_stops_every_rank_together_and_the_resumed_run_is_bitwise_identical(runs, tmp_path):
+    """A preempted job: SIGTERM reaches torchrun, which forwards it to the workers (a moment apart). Every rank
+    stops at the same stop point of step 2 (the ranks agree on it by an all-reduce), the state after step 1 is
+    checkpointed collectively, every rank exits 75; resuming gives the uninterrupted run bit for bit."""
+    out, dump = tmp_path / "preempted", tmp_path / "dump"
+    extra = {"distributed.strategy": "ddp", "train.checkpoint_every": 100}  # only the stop writes a checkpoint
+    proc = torchrun(2, out, dump=dump, timeout=180, env={"OTCA_TEST_SIGTERM_AT": "2"}, **extra)
+    assert [(dump / f"exit{r}.txt").read_text() for r in (0, 1)] == ["75", "75"], proc.stderr[-4000:]
+    stopped = [line for line in proc.stderr.splitlines() if line.startswith("otca-train: stopped by SIGTERM")]
+    assert len(stopped) == 1, proc.stderr[-4000:]  # printed once, by rank 0
+    assert "during step 2 (abandoned" in stopped[0] and "the state after step 1 is checkpointed" in stopped[0]
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [1] and ckpt.is_sharded(out / "checkpoints" / "step_00000001")
+    assert not list((out / "checkpoints").glob(".*"))
+    _ok(torchrun(2, out, resume=True, **extra))
+    uninterrupted = ckpt.load_checkpoint(runs["ddp"]["dir"] / "checkpoints" / "step_00000002")
+    resumed = ckpt.load_checkpoint(out / "checkpoints" / "step_00000002")
+    for key in ("weights", "ema"):
+        assert all(torch.equal(resumed[key][n], uninterrupted[key][n]) for n in resumed[key]), key
+    assert _optimizer_diff(resumed, uninterrupted) == 0.0
+    assert _losses(out) == _losses(runs["ddp"]["dir"])
+
+
 # ------------------------------------------------------------------------------------------------
 # units (no process group)
 # ------------------------------------------------------------------------------------------------
