@@ -456,3 +456,20 @@ def test_plot_credit_writes_a_png(tmp_path):
         plot_credit(info, tmp_path / "x.png", objective_names=["a"])
     with pytest.raises(ValueError, match=r"path: expected a .png file name"):
         plot_credit(info, tmp_path / "x.jpg")
+
+
+def test_moca_exploration_mixes_in_the_reward_weights():
+    """c = (1 − λ)·c* + λ·ω with ω the normalised reward weights: at λ = 1 OTCA is TCD with the weighted static
+    mix (reward weights are never silently replaced by 1/K), and equal weights keep the paper's λ/K."""
+    data = batch()
+    weights = (0.5, 0.3, 0.2)
+    otca, info = call("otca", data, exploration=1.0, objective_weights=weights)
+    tcd, _ = call("tcd_only", data, objective_weights=weights)
+    torch.testing.assert_close(otca, tcd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(info["c"], torch.tensor([weights]).expand(12, 3))
+    zhat = ops.group_advantages(data["rewards"], data["group_ids"], aggregate="none")
+    _, half = call("moca_only", data, exploration=0.5, objective_weights=weights)
+    expected = 0.5 * objective_credit(zhat, exploration=0.0) + 0.5 * torch.tensor([weights])
+    torch.testing.assert_close(half["c"], expected)
+    _, equal = call("otca", data, exploration=0.3, objective_weights=(1 / 3,) * 3)
+    torch.testing.assert_close(equal["c"], objective_credit(zhat, exploration=0.3))

@@ -12,7 +12,9 @@ of Σ_k λ_k R_k):
 ``tempflow``    TempFlow-GRPO: A_n · c · std_t, std_t the noise std of step t (c = 2.25 or 1/mean std).
 ``window``      MixGRPO / Flow-GRPO-Fast: A_n inside a window of SDE steps, 0 outside.
 ``coca``        CoCA: A_n·(α + (1 − α)·suffix_t) from x̂0 cosine gains, re-standardised per group.
-``otca``        OTCA: w[n, t] (TCD) · Σ_k c[n, k] ẑ_k[n] (MOCA), one fused ``ops.credit_advantages``.
+``otca``        OTCA: w[n, t] (TCD) · Σ_k c[n, k] ẑ_k[n] (MOCA: c = (1 − λ)·c* + λ·ω, c* the min-norm mix,
+                ω the static objective mix: 1/K, or the normalised reward weights when they differ),
+                one fused ``ops.credit_advantages``.
 ``otca_timing`` OTCA with per-objective timing: Σ_k c[n, k] · w[n, t, k] · ẑ_k[n].
 ``tcd_only``    Ablation: TCD w with the static objective mix.
 ``moca_only``   Ablation: MOCA mix with uniform w = 1.
@@ -162,6 +164,17 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
                                      eps=cfg.adv_eps, adv_clip_max=cfg.adv_clip_max,
                                      exploration=cfg.exploration)
 
+    # MOCA's exploration mixes in the static objective mix: 1/K for equal weights (the paper's form, fused
+    # in one launch), the normalised reward weights otherwise (so exploration = 1 is the weighted static
+    # mix, and reward weights are never silently ignored)
+    weighted = objective_weights is not None and len(set(objective_weights)) > 1
+
+    def moca() -> tuple[torch.Tensor | str, torch.Tensor]:
+        if not weighted:
+            return "moca", objective_credit(zhat, exploration=cfg.exploration)
+        mix = (1.0 - cfg.exploration) * objective_credit(zhat, exploration=0.0) + cfg.exploration * static_c
+        return mix, mix
+
     def tcd(name: str) -> torch.Tensor:
         if cosines is not None:
             info["cosines"] = cosines
@@ -230,8 +243,8 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         c = static_c
     elif scheme == "otca":
         w = tcd("otca")
-        adv = credit(w, "moca")
-        c = objective_credit(zhat, exploration=cfg.exploration)
+        mode, c = moca()
+        adv = credit(w, mode)
     elif scheme == "otca_timing":
         if step_rewards is None:
             raise ValueError("step_rewards: scheme 'otca_timing' needs per-step rewards [N, T+1, K] (or at "
@@ -241,16 +254,16 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         w = on_trainable(objective_timing_credit(full, eps=cfg.eps, normalize=cfg.normalize))
         if cfg.timing_blend > 0:
             w = (1.0 - cfg.timing_blend) * w + cfg.timing_blend * tcd("otca_timing").to(w.dtype)[:, :, None]
-        adv = credit(w, "moca")
-        c = objective_credit(zhat, exploration=cfg.exploration)
+        mode, c = moca()
+        adv = credit(w, mode)
     elif scheme == "tcd_only":
         w = tcd("tcd_only")
         adv = credit(w, static_c)
         c = static_c
     else:  # moca_only
         w = torch.ones(n, num_steps, device=device)
-        adv = credit(w, "moca")
-        c = objective_credit(zhat, exploration=cfg.exploration)
+        mode, c = moca()
+        adv = credit(w, mode)
 
     adv = (adv.float() * train_mask).contiguous()  # no credit where nothing is trained
     if cfg.select_fraction is not None:

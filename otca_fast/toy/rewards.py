@@ -38,9 +38,11 @@ Then (``scale`` = min(H, W) / 32 converts the pixel constants, tuned at 32x32):
 * **quality** ∈ [0, 1] = mean over frames of (clean · flat · sharp)^(1/3) · scale:
   clean = exp(−mean |frame − background| outside the object / 0.04) (stray blobs, smear trails, noise);
   flat = exp(−std of the object's interior colour / 0.05) (noise on the object; the world's objects are
-  flat colour); sharp = exp(−max(0, band/√area − 4.5) / 2.5), band = the number of partially covered
-  pixels (0.1 < α < 0.9): an anti-aliased edge is one pixel wide (band/√area is 1.6 to 4.3 on the world's
-  own clips), a motion-smeared one about two (≈ 6) and a blurred one several (≈ 10 at σ = 1.2 px).
+  flat colour); sharp = exp(−max(0, b − 3.75) / 2.5), b = band/√area scaled to a circle's perimeter
+  (× 2√π / (perimeter/√area of the prompted shape): 4 for a square, 4.58 for the triangle, so an edge of
+  a given width costs every shape alike), band = the number of partially covered pixels (0.1 < α < 0.9):
+  an anti-aliased edge is one pixel wide (b is at most 3.6 on the world's own clips), a
+  motion-smeared one about two (≈ 6) and a blurred one several (≈ 10 at σ = 1.2 px).
   Frames without an object score 0.
 
 Each reward is registered in the reward registry under ``shapes_alignment``, ``shapes_motion`` and
@@ -50,6 +52,7 @@ intermediate x̂0 predictions with them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -85,7 +88,10 @@ _AREA_CV_SCALE = 0.15
 _COLOUR_STD_SCALE = 0.10
 _CLEAN_SCALE = 0.04
 _FLAT_SCALE = 0.05
-_BAND_RATIO = 4.5
+_BAND_RATIO = 3.75
+# perimeter / √area of each shape: a circle 2√π; a square 4; the world's triangle (base s, height s) (1 + √5)/√½
+_PERIMETER_PER_ROOT_AREA = {"circle": 2 * math.sqrt(math.pi), "square": 4.0,
+                            "triangle": (1 + math.sqrt(5)) / math.sqrt(0.5)}
 _BAND_SCALE = 2.5
 _SIDE_RANGE = (9.0, 12.0)      # pixels at 32x32: the world's bounding-box sides (WorldConfig.size_range)
 _SIDE_SCALE = 1.5              # pixels at 32x32
@@ -307,7 +313,11 @@ def quality_terms(frames: torch.Tensor, prompts: Sequence[str],
     clean = torch.exp(-error / _CLEAN_SCALE)                                              # [B, F]
     flat = torch.exp(-a.colour_std / _FLAT_SCALE) * present
     band = ((a.alpha > 0.1) & (a.alpha < 0.9)).float().sum((-1, -2))
-    ratio = band / a.area.clamp_min(1e-6).sqrt()
+    # the band of an edge of given width grows with the perimeter: compare every shape at a circle's
+    # perimeter per √area, or blurred squares and triangles would pay more than blurred circles (and RL on
+    # this reward would round every shape off)
+    perimeter = torch.tensor([_PERIMETER_PER_ROOT_AREA[s.shape] for s in a.specs]).view(-1, 1)
+    ratio = band / a.area.clamp_min(1e-6).sqrt() * (_PERIMETER_PER_ROOT_AREA["circle"] / perimeter)
     sharp = torch.exp(-(ratio - _BAND_RATIO).clamp_min(0) / _BAND_SCALE) * present
     scale = scale_terms(a)
     per_frame = (clean * flat * sharp).pow(1 / 3) * scale
