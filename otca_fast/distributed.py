@@ -187,6 +187,13 @@ def shutdown(ctx: DistContext) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if ctx.world_size > 1:
+                # no rank tears its gloo/NCCL connections down while another still finishes its last
+                # collectives or reports (a rank leaving early aborted at exit under FSDP with idle passes)
+                try:
+                    dist.barrier()
+                except Exception:  # noqa: BLE001 - a failed peer: tear down anyway, the error is reported elsewhere
+                    pass
             dist.destroy_process_group()
         ctx.owns_group = False
 

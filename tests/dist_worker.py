@@ -6,7 +6,10 @@
   With ``OTCA_TEST_BREAK_ROLLOUT=R:S`` a rollout forward raises on rank R from step S on (a failure
   that cannot be held until a check point under FSDP). With ``OTCA_TEST_SIGTERM_AT=S`` rank 0 sends
   SIGTERM to torchrun (its parent) as step S's rollout starts: torchrun forwards it to every worker,
-  as when a scheduler preempts the job. The exit status of every rank goes to ``DUMP/exit{R}.txt``.
+  as when a scheduler preempts the job. With ``OTCA_TEST_UNEVEN_PAIRS=1`` samples 0, 5 and 6 drop their
+  second trained step (a scheme whose samples train different numbers of steps: on 2 ranks with one sample
+  per chunk, a rank then has no pair at a (chunk, step) slot the other rank trains). The exit status of
+  every rank goes to ``DUMP/exit{R}.txt``.
 * ``dist_worker:Pixel`` / ``OtherPixel``: one pixel's value as a reward (no 8-bit rounding), for the 1-vs-2-process
   equality tests.
 * ``dist_worker:FailOnRank`` is a user reward (``package.module:callable``) that raises on one rank
@@ -109,6 +112,17 @@ def main() -> int:
             return real_sample(backbone, *args, step=step, **kwargs)
 
         trainer_module.sample_trajectories = breaking
+    if os.environ.get("OTCA_TEST_UNEVEN_PAIRS"):
+        real_choose = Trainer.choose_timesteps
+
+        def uneven(self, sde_mask, A, info):
+            index, weight, valid = real_choose(self, sde_mask, A, info)
+            assert index.shape[1] >= 2, "OTCA_TEST_UNEVEN_PAIRS needs 2 trained steps per sample"
+            valid = valid.clone()
+            valid[[0, 5, 6], 1] = False
+            return index, weight, valid
+
+        Trainer.choose_timesteps = uneven
     sigterm_at = os.environ.get("OTCA_TEST_SIGTERM_AT")
     if sigterm_at:
         import signal

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 3.0],
                    help="guidance scales to evaluate (the first is the headline number)")
     p.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="DIR",
+                   help="train nothing: re-measure the weights in DIR (rewards and the exam, with the current "
+                        "code) and rewrite its record's evaluation fields in place")
     p.add_argument("--preview", type=Path, default=None, help="write a PNG grid of held-out samples here")
     p.add_argument("--snapshot-every", type=int, default=0,
                    help="every N steps write the EMA weights and a preview grid to --snapshot-dir (0 = never); "
@@ -222,6 +225,21 @@ def evaluate(model: ShapesModel, *, split: str = "heldout", num_steps: int = 20,
     return out
 
 
+@torch.no_grad()
+def exam(model: ShapesModel, *, seed: int = 0, clips_per_prompt: int = 4, num_steps: int = 8) -> dict:
+    """Share of held-out clips passing each verdict of the exam (``otca_fast.toy.exam``), which the rewards
+    never see: the base's own exam table."""
+    from otca_fast.toy.exam import exam_verdicts
+
+    prompts = [s.prompt for s in split_specs("heldout") for _ in range(clips_per_prompt)]
+    gen = torch.Generator().manual_seed(seed)
+    frames = torch.cat([model.sample(prompts[i:i + 64], num_steps=num_steps, generator=gen)
+                        for i in range(0, len(prompts), 64)])
+    verdicts = exam_verdicts(frames, prompts)
+    return {"clips": len(prompts), "num_steps": num_steps, "seed": seed,
+            **{k: round(float(v.float().mean()), 4) for k, v in verdicts.items()}}
+
+
 def save_preview(model: ShapesModel, path: Path, *, rows: int = 8, num_steps: int = 20, seed: int = 0) -> Path:
     """A PNG grid: each row one held-out prompt, sampled frames left to right."""
     import imageio.v3 as iio
@@ -237,16 +255,32 @@ def save_preview(model: ShapesModel, path: Path, *, rows: int = 8, num_steps: in
     return path
 
 
+def _measure(model: ShapesModel, record: dict, args: PretrainArgs) -> None:
+    """The record's evaluation fields: the three rewards (held-out per guidance scale, and train), and the
+    exam's verdicts on the held-out prompts (4 clips each, 8 ODE steps, as the main job's evaluation)."""
+    record["heldout_rewards"] = [evaluate(model, num_steps=args.eval_steps, guidance_scale=g, seed=args.seed)
+                                 for g in args.eval_guidance]
+    record["train_rewards"] = [evaluate(model, split="train", num_steps=args.eval_steps,
+                                        guidance_scale=args.eval_guidance[0], seed=args.seed)]
+    record["heldout_exam"] = exam(model, seed=args.seed)
+    print(json.dumps({k: record[k] for k in ("heldout_rewards", "train_rewards", "heldout_exam")}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.evaluate is not None:
+        torch.set_num_threads(args.threads)
+        model = ShapesModel.load(args.evaluate)
+        record = dict(model.meta)
+        _measure(model, record, args)
+        record["evaluated_by"] = {"command": "python -m otca_fast.toy.pretrain " + " ".join(
+            sys.argv[1:] if argv is None else argv), "torch": torch.__version__}
+        model.save(args.evaluate, meta=record)
+        print(f"rewrote the record in {args.evaluate}")
+        return 0
     model, record = pretrain(args)
     if not args.no_eval:
-        record["heldout_rewards"] = [evaluate(model, num_steps=args.eval_steps, guidance_scale=g, seed=args.seed)
-                                     for g in args.eval_guidance]
-        record["train_rewards"] = [evaluate(model, split="train", num_steps=args.eval_steps,
-                                            guidance_scale=args.eval_guidance[0], seed=args.seed)]
-        print(json.dumps({"heldout_rewards": record["heldout_rewards"],
-                          "train_rewards": record["train_rewards"]}, indent=2))
+        _measure(model, record, args)
     out = model.save(args.out, meta=record)
     write_prompt_files(args.out)
     print(f"wrote {out}")
