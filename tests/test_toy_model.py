@@ -204,3 +204,29 @@ def test_pretraining_is_reproducible_from_the_seed_and_writes_loadable_weights(t
     assert ShapesModel.load(tmp_path).meta["made_by"]["args"]["steps"] == 1
     with pytest.raises(ValueError, match="--steps"):
         pretrain(_parser().parse_args(["--steps", "0"]))
+
+
+def test_the_shipped_record_has_the_exam_and_evaluate_rewrites_a_record(tmp_path):
+    from otca_fast.toy.exam import VERDICTS
+
+    meta = json.loads((ASSETS_DIR / META_FILE).read_text())
+    exam = meta["heldout_exam"]
+    assert exam["clips"] == 4 * len(split_specs("heldout")) and exam["num_steps"] == 8
+    for verdict in (*VERDICTS, "all_correct"):
+        assert 0.0 <= exam[verdict] <= 1.0
+        assert exam["all_correct"] <= exam[verdict]
+    # the chain of runs that made the shipped weights, each with its command
+    assert all(run["command"].startswith("python -m otca_fast.toy.pretrain") for run in meta["continued_from"])
+
+    assert main(["--steps", "1", "--batch-size", "2", "--no-eval", "--out", str(tmp_path)]) == 0
+    assert "heldout_exam" not in ShapesModel.load(tmp_path).meta
+    before = ShapesModel.load(tmp_path).state_dict()
+    assert main(["--evaluate", str(tmp_path), "--eval-steps", "1", "--eval-guidance", "1.0",
+                 "--exam-clips", "1"]) == 0
+    after = ShapesModel.load(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in after.state_dict().items())   # nothing trained
+    assert after.meta["made_by"]["args"]["steps"] == 1
+    assert after.meta["evaluated_by"]["command"].startswith("python -m otca_fast.toy.pretrain --evaluate")
+    assert after.meta["heldout_rewards"][0]["num_steps"] == 1
+    assert after.meta["heldout_exam"]["clips"] == len(split_specs("heldout"))
+    assert "all_correct" in after.meta["heldout_exam"]

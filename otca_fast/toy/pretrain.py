@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-guidance", type=float, nargs="*", default=[1.0, 3.0],
                    help="guidance scales to evaluate (the first is the headline number)")
     p.add_argument("--no-eval", action="store_true", help="skip the final held-out evaluation")
+    p.add_argument("--exam-clips", type=int, default=4,
+                   help="clips per held-out prompt for the record's exam (8 ODE steps, as the main job evaluates)")
     p.add_argument("--evaluate", type=Path, default=None, metavar="DIR",
                    help="train nothing: re-measure the weights in DIR (rewards and the exam, with the current "
                         "code) and rewrite its record's evaluation fields in place")
@@ -104,7 +106,7 @@ def _snapshot(model: ShapesModel, directory: Path, args: PretrainArgs) -> None:
 
 
 def _check_args(args: PretrainArgs) -> None:
-    for name in ("steps", "batch_size", "threads", "eval_steps"):
+    for name in ("steps", "batch_size", "threads", "eval_steps", "exam_clips"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -262,13 +264,14 @@ def _measure(model: ShapesModel, record: dict, args: PretrainArgs) -> None:
                                  for g in args.eval_guidance]
     record["train_rewards"] = [evaluate(model, split="train", num_steps=args.eval_steps,
                                         guidance_scale=args.eval_guidance[0], seed=args.seed)]
-    record["heldout_exam"] = exam(model, seed=args.seed)
+    record["heldout_exam"] = exam(model, seed=args.seed, clips_per_prompt=args.exam_clips)
     print(json.dumps({k: record[k] for k in ("heldout_rewards", "train_rewards", "heldout_exam")}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.evaluate is not None:
+        _check_args(args)
         torch.set_num_threads(args.threads)
         model = ShapesModel.load(args.evaluate)
         record = dict(model.meta)
