@@ -197,6 +197,12 @@ def logged_name(spec: RewardSpec | MetricSpec) -> str:
     return spec.name
 
 
+def _non_empty_name(kind: str, v: str) -> str:
+    if not v.strip():
+        raise ValueError(f"expected a {kind} name, got an empty string")
+    return v
+
+
 class RewardSpec(_Section):
     """One reward: a registry name or a dotted path 'package.module:callable'."""
 
@@ -207,9 +213,7 @@ class RewardSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("expected a reward name, got an empty string")
-        return v
+        return _non_empty_name("reward", v)
 
 
 class MetricSpec(_Section):
@@ -223,9 +227,7 @@ class MetricSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("expected a metric name, got an empty string")
-        return v
+        return _non_empty_name("metric", v)
 
 
 class TimestepConfig(_Section):

@@ -15,20 +15,13 @@ import torch
 
 from otca_fast.rewards import build_reward, list_metrics, list_rewards, score_metrics
 from otca_fast.toy import rewards as toy_rewards
+from otca_fast.toy import world as shapes_world
 from otca_fast.toy.exam import EXAM_NAME, VERDICTS, exam_verdicts, read_clips
-from otca_fast.toy.world import (
-    BACKGROUNDS,
-    COLOURS,
-    DIRECTIONS,
-    SHAPES,
-    ClipSpec,
-    background_image,
-    draw_clips,
-    render_clips,
-)
+from otca_fast.toy.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, ClipSpec, render_clips
 
-_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-_PERPENDICULAR = {"left": "up", "right": "down", "up": "right", "down": "left"}
+# the reverse of each prompted direction, and the direction a quarter turn from it (the world's unit vectors)
+_OPPOSITE = {d: next(e for e, w in DIRECTIONS.items() if w == (-x, -y)) for d, (x, y) in DIRECTIONS.items()}
+_PERPENDICULAR = {d: next(e for e, w in DIRECTIONS.items() if w == (-y, x)) for d, (x, y) in DIRECTIONS.items()}
 _N = 120
 
 
@@ -43,7 +36,7 @@ def world():
     specs = [ClipSpec(colours[i % 4], SHAPES[i % 3], directions[(i // 3) % 4], BACKGROUNDS[(i // 12) % 5])
              for i in range(_N)]
     clips = render_clips(specs, generator=torch.Generator().manual_seed(11))
-    backgrounds = torch.stack([background_image(s.background, 32, 32) for s in specs])
+    backgrounds = torch.stack([shapes_world.background_image(s.background, 32, 32) for s in specs])
     return specs, clips, backgrounds
 
 
@@ -73,12 +66,12 @@ def test_fresh_world_clips_of_every_split_pass(world):
 def _two_objects(clips, specs):
     # a second copy of the object, moving the same way, displaced to the other side of the frame
     shift = torch.where(clips.centres[:, :1] > 16, -12.0, 12.0)
-    second = draw_clips(specs, clips.centres + shift, clips.sizes)
+    second = shapes_world.draw_clips(specs, clips.centres + shift, clips.sizes)
     return _overlay(clips.frames, second, specs)
 
 
 def _overlay(frames, other, specs):
-    background = torch.stack([background_image(s.background, 32, 32) for s in specs]).unsqueeze(1)
+    background = torch.stack([shapes_world.background_image(s.background, 32, 32) for s in specs]).unsqueeze(1)
     extra = (other - background).abs().amax(2, keepdim=True) > 1e-6
     return torch.where(extra, other, frames)
 
@@ -129,9 +122,9 @@ def _wrong(kind, specs, clips, backgrounds):
     if kind == "specks":
         return _specks(frames, specs), "clean"
     if kind == "inflated":  # sides 14.5 to 17 px: over 20 % larger than any object of the world (9 to 12)
-        return draw_clips(specs, clips.centres, 14.5 + (clips.sizes - 9) * 2.5 / 3), "size"
+        return shapes_world.draw_clips(specs, clips.centres, 14.5 + (clips.sizes - 9) * 2.5 / 3), "size"
     if kind == "shrunk":  # sides 4.5 to 6 px
-        return draw_clips(specs, clips.centres, 4.5 + (clips.sizes - 9) / 2), "size"
+        return shapes_world.draw_clips(specs, clips.centres, 4.5 + (clips.sizes - 9) / 2), "size"
     raise AssertionError(kind)
 
 

@@ -31,8 +31,8 @@ from otca_fast.toy.world import (
     render_clips,
 )
 
-_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-_PERPENDICULAR = {"left": "up", "right": "down", "up": "right", "down": "left"}
+_OPPOSITE = {d: next(e for e, w in DIRECTIONS.items() if w == (-x, -y)) for d, (x, y) in DIRECTIONS.items()}
+_QUARTER_TURN = {d: next(e for e, w in DIRECTIONS.items() if w == (-y, x)) for d, (x, y) in DIRECTIONS.items()}
 
 
 def _next(values, value):
@@ -84,7 +84,7 @@ def test_alignment_ranks_the_right_clip_above_a_wrong_attribute(world, attribute
     elif attribute == "direction":
         wrong = [replace(s, direction=_OPPOSITE[s.direction]) for s in specs]
     else:
-        wrong = [replace(s, direction=_PERPENDICULAR[s.direction]) for s in specs]
+        wrong = [replace(s, direction=_QUARTER_TURN[s.direction]) for s in specs]
     _assert_right_beats_wrong(alignment_score, clips.frames, _render(wrong), clips.prompts, margin=0.2)
 
 
