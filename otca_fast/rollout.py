@@ -45,7 +45,10 @@ class RewardWorker(Executor):
     Unlike a ``ThreadPoolExecutor``, whose worker threads the interpreter joins at exit, the thread is a
     daemon: a reward call still running when the run stops (Ctrl-C, a fatal error) is abandoned, and the
     process exits within seconds instead of waiting for a slow reward model to return. Nothing is
-    recorded from an abandoned call: its future is never read.
+    recorded from an abandoned call: its future is never read. An idle worker is always joined on
+    shutdown: a daemon thread still alive when the interpreter finalises is killed where it stands, and
+    one waking up inside torch's C++ then aborts the process ("terminate called without an active
+    exception") after a run that succeeded.
     """
 
     def __init__(self, name: str = "otca-rewards"):
@@ -53,6 +56,7 @@ class RewardWorker(Executor):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._busy = False  # a call is running on the thread now
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         if self._closed:
@@ -72,16 +76,20 @@ class RewardWorker(Executor):
             future, fn, args, kwargs = item
             if not future.set_running_or_notify_cancel():
                 continue
+            self._busy = True
             try:
                 result = fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - handed to whoever reads the future
                 future.set_exception(e)
             else:
                 future.set_result(result)
+            finally:
+                self._busy = False
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking work. ``cancel_futures``: drop what has not started; ``wait``: wait for the call running
-        now (the trainer never does: that call is abandoned)."""
+        now (the trainer never does: that call is abandoned). With no call running, the thread is joined
+        either way (it exits at once)."""
         self._closed = True
         if cancel_futures:
             while True:
@@ -92,7 +100,7 @@ class RewardWorker(Executor):
                 if item is not None:
                     item[0].cancel()
         self._queue.put(None)
-        if wait and self._thread is not None:
+        if self._thread is not None and (wait or not self._busy):
             self._thread.join()
 
 

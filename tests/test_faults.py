@@ -289,6 +289,31 @@ def test_the_reward_worker_abandons_a_running_call():
     assert running.result(timeout=60) is True
 
 
+def test_an_idle_reward_worker_is_joined_on_shutdown():
+    """After a run that ended normally no daemon thread may outlive the trainer: one still alive at
+    interpreter finalisation is killed where it stands and can abort a successful process."""
+    worker = RewardWorker()
+    assert worker.submit(lambda: 7).result(timeout=60) == 7
+    thread = worker._thread
+    worker.shutdown(wait=False, cancel_futures=True)  # the trainer's close()
+    assert not thread.is_alive()
+
+
+def test_a_run_that_ends_normally_exits_0_with_no_thread_left(tmp_path):
+    """The main job's own exit: every thread it started is gone before the interpreter finalises."""
+    code = ("import sys, threading; from otca_fast import train; rc = train.main(sys.argv[1:]); "
+            "left = [t.name for t in threading.enumerate() if t is not threading.main_thread()]; "
+            "print('threads left:', left); sys.exit(rc or (3 if left else 0))")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "configs" / "tiny_video.yaml"), "--set",
+                           f"run.output_dir={tmp_path / 'run'}", "--set", "train.max_steps=1", "--set",
+                           "eval.enabled=false", "--set", "run.progress=plain"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "threads left: []" in proc.stdout
+
+
 def test_stop_signals_record_the_first_signal_and_restore_the_handlers():
     said = []
     stop = StopSignals(announce=said.append)
