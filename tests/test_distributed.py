@@ -19,8 +19,8 @@ lr·g/(|g| + eps), turns the last-bit differences of gradient elements that near
 step-2 rollout carries them into A. Measured at lr 1e-5 with
 TCD's credit shared over the trainable steps only (the last step never trains, so each of the other steps
 carries more of A than when the last one took a share): up to 1.2e-6 in the step-2 advantages under FSDP
-(ddp: below 1e-6); the 2e-6 tolerance leaves a margin over that rounding and is far below what an
-implementation error moves (a rank training its rows twice, or the wrong rows, moves A by ~1e-2).
+(ddp: below 1e-6); the 2e-6 tolerance leaves a margin over that rounding while staying at the level of
+float32 rounding of O(1) advantages (a rank training the wrong rows changes step 2's rollout outright).
 """
 
 from __future__ import annotations
