@@ -48,6 +48,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,11 +190,12 @@ def shutdown(ctx: DistContext) -> None:
         if dist.is_initialized():
             if ctx.world_size > 1:
                 # no rank tears its gloo/NCCL connections down while another still finishes its last
-                # collectives or reports (a rank leaving early aborted at exit under FSDP with idle passes)
+                # collectives or writes the reports
                 try:
                     dist.barrier()
-                except Exception:  # noqa: BLE001 - a failed peer: tear down anyway, the error is reported elsewhere
-                    pass
+                except Exception as e:  # noqa: BLE001 - a peer failed at the very end: say so, tear down anyway
+                    print(f"otca-train: rank {ctx.rank}: the ranks did not meet before shutting down ({e}); "
+                          f"another rank may have failed after the run's last step", file=sys.stderr)
             dist.destroy_process_group()
         ctx.owns_group = False
 
