@@ -37,8 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from otca_fast import reference
-from otca_fast.credit import _checks
+from otca_fast import checks, reference
 
 
 def objective_credit(advantages: torch.Tensor, *, exploration: float = 0.1) -> torch.Tensor:
@@ -50,9 +49,9 @@ def objective_credit(advantages: torch.Tensor, *, exploration: float = 0.1) -> t
     (see the module docstring for the proof); returns (1 − exploration)·c* + exploration/K, each
     row on the simplex. Float32 (float64 for float64 input).
     """
-    _checks.float_tensor("advantages", advantages, dim=2)
-    _checks.raise_if_not_finite("advantages", advantages)
-    lam = _checks.finite_number("exploration", exploration)
+    checks.float_tensor("advantages", advantages, dim=2)
+    checks.raise_if_not_finite("advantages", advantages)
+    lam = checks.finite_number("exploration", exploration)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"exploration: expected a value in [0, 1], got {exploration!r}")
     return reference.moca_weights(advantages, lam)

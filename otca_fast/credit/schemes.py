@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from otca_fast import ops, reference
-from otca_fast.credit import _checks
+from otca_fast import checks, ops, reference
 from otca_fast.credit.config import CreditConfig, as_credit_config
 from otca_fast.credit.objective import objective_credit
 from otca_fast.credit.selection import select_timesteps
@@ -82,7 +81,7 @@ def window_steps(num_steps: int, config: ConfigLike = None, *, generator: torch.
     if p is None:
         raise ValueError("progress: window_schedule='progressive' needs the training progress "
                          "(step / max steps) in [0, 1]; pass progress= or set config.progress, got None")
-    p = _checks.finite_number("progress", p)
+    p = checks.finite_number("progress", p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"progress: expected a value in [0, 1], got {p}")
     start = lo + min(int(p * positions), positions - 1)
@@ -132,7 +131,7 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
     ``index``/``weight`` ``[N, M]`` (A already includes ``weight``).
     """
     cfg = as_credit_config(config)
-    _checks.choice("scheme", scheme, SCHEMES)
+    checks.choice("scheme", scheme, SCHEMES)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if cfg.select_fraction is not None and scheme in _OWN_STEP_CHOICE:
@@ -275,7 +274,7 @@ def build_advantages(scheme: str, *, rewards: torch.Tensor, group_ids: torch.Ten
         train_mask = torch.zeros_like(train_mask).scatter_(1, index, True)
         adv = selected
         info["index"], info["weight"] = index, weight
-    _checks.raise_if_not_finite("advantages", adv, "[sample, step]")
+    checks.raise_if_not_finite("advantages", adv, "[sample, step]")
     info.update(c=c.float(), w=w.float(), train_mask=train_mask)
     return adv, info
 
@@ -340,14 +339,14 @@ def _num_steps(cfg: CreditConfig, n: int, k: int, device: torch.device,
         if t is None:
             continue
         if name == "sigmas":
-            _checks.float_tensor(name, t)
+            checks.float_tensor(name, t)
             if t.dim() not in (1, 2):
                 raise ValueError(f"sigmas: expected [T+1] or [N, T+1], got shape {tuple(t.shape)}")
         elif name == "cosines":
-            _checks.float_tensor(name, t, dim=2)
-            _checks.raise_if_not_finite(name, t, "[sample, state]")
+            checks.float_tensor(name, t, dim=2)
+            checks.raise_if_not_finite(name, t, "[sample, state]")
         else:
-            _checks.float_tensor(name, t, dim=3 if name == "step_rewards" else None, min_dim=3)
+            checks.float_tensor(name, t, dim=3 if name == "step_rewards" else None, min_dim=3)
         if t.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of rewards), got {t.device}")
         if (name != "sigmas" or t.dim() == 2) and t.shape[0] != n:
@@ -414,7 +413,7 @@ def _tempflow_weights(cfg: CreditConfig, sigmas: torch.Tensor | None, n: int, nu
     if cfg.dynamics == "cps" and cfg.noise_level > 1:
         raise ValueError(f"noise_level: cps needs 0 < noise_level <= 1 (std = sigma_next*sin(a*pi/2)), got "
                          f"{cfg.noise_level}")
-    _checks.raise_if_not_finite("sigmas", sigmas)
+    checks.raise_if_not_finite("sigmas", sigmas)
     sig = sigmas.to(torch.float64)
     sig = sig.expand(n, num_steps + 1) if sig.dim() == 1 else sig
     if bool((sig[:, 0] > 1).any()) or bool((sig[:, 0] <= 0).any()) or bool((sig[:, -1] < 0).any()):

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from otca_fast.credit import _checks
+from otca_fast import checks
 
 
 def _inclusion_probabilities(w: torch.Tensor, m: int) -> torch.Tensor:
@@ -63,21 +63,21 @@ def select_timesteps(w: torch.Tensor, fraction: float, *, mode: str = "importanc
     is (see the module docstring). Indices are sorted by step within a row. Deterministic given
     ``generator`` (on any device); weights are float32 (float64 for float64 w).
     """
-    _checks.float_tensor("w", w, dim=2)
-    _checks.raise_if_not_finite("w", w)
+    checks.float_tensor("w", w, dim=2)
+    checks.raise_if_not_finite("w", w)
     if bool((w < 0).any()):
         n, t = (int(i) for i in (w < 0).nonzero()[0])
         raise ValueError(f"w: expected non-negative credit, got {float(w[n, t])} at [{n}, {t}]")
-    frac = _checks.finite_number("fraction", fraction)
+    frac = checks.finite_number("fraction", fraction)
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"fraction: expected a value in (0, 1], got {fraction!r}")
-    _checks.choice("mode", mode, ("importance", "topk"))
+    checks.choice("mode", mode, ("importance", "topk"))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     n, t = w.shape
     # ceil with a guard so that fraction·T = 12.000000000000002 does not become 13
     m = min(t, max(1, math.ceil(frac * t - 1e-9)))
-    cd = _checks.compute_dtype(w.dtype)
+    cd = checks.compute_dtype(w.dtype)
     if mode == "topk":
         order = torch.sort(w.to(cd), dim=1, descending=True, stable=True).indices[:, :m]
         index = order.sort(1).values

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from otca_fast.credit import _checks
+from otca_fast import checks
 
 
 def objective_timing_credit(step_rewards: torch.Tensor, *, eps: float = 1e-3,
@@ -44,16 +44,16 @@ def objective_timing_credit(step_rewards: torch.Tensor, *, eps: float = 1e-3,
     normalised over t to mean 1 (``normalize="mean"``) or sum 1 (``"sum"``). Float32 (float64 in,
     float64 out).
     """
-    _checks.float_tensor("step_rewards", step_rewards, dim=3)
+    checks.float_tensor("step_rewards", step_rewards, dim=3)
     if step_rewards.shape[1] < 2:
         raise ValueError(f"step_rewards: expected [N, T+1, K] with T >= 1, got shape "
                          f"{tuple(step_rewards.shape)}")
-    _checks.raise_if_not_finite("step_rewards", step_rewards)
-    eps = _checks.finite_number("eps", eps)
+    checks.raise_if_not_finite("step_rewards", step_rewards)
+    eps = checks.finite_number("eps", eps)
     if eps <= 0:
         raise ValueError(f"eps: expected a value > 0 (the floor that keeps every step trainable), got {eps}")
-    _checks.choice("normalize", normalize, ("mean", "sum"))
-    r = step_rewards.to(_checks.compute_dtype(step_rewards.dtype))
+    checks.choice("normalize", normalize, ("mean", "sum"))
+    r = step_rewards.to(checks.compute_dtype(step_rewards.dtype))
     gain = (r[:, 1:] - r[:, :-1]).clamp_min(0.0)
     total = gain.sum(1, keepdim=True)
     share = torch.where(total > 0, gain / torch.where(total > 0, total, torch.ones_like(total)),
@@ -79,8 +79,8 @@ def interpolate_step_rewards(values: torch.Tensor, states: Sequence[int] | torch
     ``values`` ``[N, M, K]`` are the rewards at the M strictly increasing ``states``, which must
     start at 0 and end at ``num_steps`` (as :func:`evaluation_states` returns).
     """
-    _checks.float_tensor("values", values, dim=3)
-    _checks.raise_if_not_finite("values", values)
+    checks.float_tensor("values", values, dim=3)
+    checks.raise_if_not_finite("values", values)
     st = torch.as_tensor(states, dtype=torch.long).flatten().cpu()
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
@@ -90,7 +90,7 @@ def interpolate_step_rewards(values: torch.Tensor, states: Sequence[int] | torch
     if st.numel() < 2 or int(st[0]) != 0 or int(st[-1]) != num_steps or not bool((st[1:] > st[:-1]).all()):
         raise ValueError(f"states: expected strictly increasing states from 0 to num_steps = {num_steps}, "
                          f"got {st.tolist()}")
-    cd = _checks.compute_dtype(values.dtype)
+    cd = checks.compute_dtype(values.dtype)
     t = torch.arange(num_steps + 1)
     seg = (torch.searchsorted(st, t, right=True) - 1).clamp(0, st.numel() - 2)
     lo, hi = st[seg], st[seg + 1]

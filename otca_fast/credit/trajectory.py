@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from otca_fast import ops, reference
-from otca_fast.credit import _checks
+from otca_fast import checks, ops, reference
 
 
 def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: torch.Tensor | None = None,
@@ -38,13 +37,13 @@ def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: to
     ``x0_preds`` ``[N, T, ...]`` (x̂0 predicted at states 0 … T−1) and only ``latents[:, -1]`` is read.
     Float32 (float64 for float64 inputs).
     """
-    _checks.float_tensor("latents", latents, min_dim=3)
+    checks.float_tensor("latents", latents, min_dim=3)
     n, t_plus_1 = latents.shape[:2]
     if t_plus_1 < 2:
         raise ValueError(f"latents: expected [N, T+1, ...] with T >= 1 (at least two states), got shape "
                          f"{tuple(latents.shape)}")
     state_shape = tuple(latents.shape[2:])
-    _checks.choice("source", source, ("latent", "x0_pred"))
+    checks.choice("source", source, ("latent", "x0_pred"))
     if not isinstance(per_frame, bool):
         raise TypeError(f"per_frame: expected a bool, got {per_frame!r}")
     if per_frame:
@@ -57,7 +56,7 @@ def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: to
         if x0_preds is None:
             raise ValueError("x0_preds: source='x0_pred' needs the predicted clean latents [N, T, ...], "
                              "got None")
-        _checks.float_tensor("x0_preds", x0_preds)
+        checks.float_tensor("x0_preds", x0_preds)
         expected = (n, t_plus_1 - 1, *state_shape)
         if tuple(x0_preds.shape) != expected:
             raise ValueError(f"x0_preds: expected shape {expected} ([N, T, ...] for latents of shape "
@@ -93,13 +92,13 @@ def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: to
 
 def tcd_weights(cosines: torch.Tensor, *, eps: float = 1e-3, normalize: str = "mean") -> torch.Tensor:
     """w ``[N, T]`` from the state cosines s ``[N, T+1]``: normalised max(s_{j+1} − s_j, 0) + ε."""
-    _checks.float_tensor("cosines", cosines, dim=2)
+    checks.float_tensor("cosines", cosines, dim=2)
     if cosines.shape[1] < 2:
         raise ValueError(f"cosines: expected [N, T+1] with T >= 1, got shape {tuple(cosines.shape)}")
-    eps = _checks.finite_number("eps", eps)
+    eps = checks.finite_number("eps", eps)
     if eps <= 0:
         raise ValueError(f"eps: expected a value > 0 (the floor that keeps every step trainable), got {eps}")
-    _checks.choice("normalize", normalize, ("mean", "sum"))
+    checks.choice("normalize", normalize, ("mean", "sum"))
     gain = cosines[:, 1:] - cosines[:, :-1]
     w = gain.clamp_min(0.0) + eps
     w = w / w.sum(1, keepdim=True)
@@ -134,7 +133,7 @@ def coca_suffix_credit(cosines: torch.Tensor, *, window: int = 1) -> torch.Tenso
     a trajectory with no total progress (Σ g ≤ 0: its start is already at least as close to the
     end as the end of its last window) has no direction to share out, and gets equal gains 1/T.
     """
-    _checks.float_tensor("cosines", cosines, dim=2)
+    checks.float_tensor("cosines", cosines, dim=2)
     n, t_plus_1 = cosines.shape
     steps = t_plus_1 - 1
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:

@@ -1,4 +1,4 @@
-"""Input checks shared by the credit functions: every error names the argument, expected vs got."""
+"""Argument checks shared by the package: every error names the argument, the expected and the actual value."""
 
 from __future__ import annotations
 

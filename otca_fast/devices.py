@@ -1,0 +1,25 @@
+"""Config names of dtypes and devices, resolved in one place."""
+
+from __future__ import annotations
+
+import torch
+
+# the dtypes a config may name (model.dtype, sample.latent_dtype, ...)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str | torch.device, *, what: str = "run.device") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a torch device name; a clear error for a CUDA device on a
+    machine without one. ``what`` names the argument in the error."""
+    if isinstance(name, torch.device):
+        device = name
+    elif name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"{what}: expected auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}: {str(name)!r} but no CUDA device is available (use 'auto' or 'cpu')")
+    return device
