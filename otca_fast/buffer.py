@@ -689,6 +689,12 @@ class TrajectoryBuffer:
             return self._core.gather(samples.tolist(), states.tolist())
         return self._core.gather(samples, states)
 
+    def all_states(self) -> torch.Tensor:
+        """Every state of every sample, ``[num_samples, num_states, *latent_shape]`` (a whole trajectory each)."""
+        n, t = self._num_samples, self._num_states
+        states = self.gather(torch.arange(n).repeat_interleave(t), torch.arange(t).repeat(n))
+        return states.view(n, t, *self._latent_shape)
+
     def prefetch(self, sample_index: IndexLike, state_index: IndexLike) -> None:
         """Start the copy of a later :meth:`gather` with the same indices, in the background.
 
@@ -769,3 +775,12 @@ class TrajectoryBuffer:
         return (f"TrajectoryBuffer(num_samples={self._num_samples}, num_states={self._num_states}, "
                 f"latent_shape={self._latent_shape}, dtype={self._dtype}, device={self._device}, "
                 f"backend={self._backend!r}, {state})")
+
+
+def trajectory_buffers(rows: int, num_steps: int, latent_shape: tuple[int, ...], *, dtype: torch.dtype,
+                       device: torch.device, x0_predictions: bool) -> tuple[TrajectoryBuffer, TrajectoryBuffer | None]:
+    """A rollout's storage: the states x_0..x_T of ``rows`` trajectories (``[rows, T+1]``) and, when the credit
+    needs them (``x0_predictions``), the clean-sample predictions x̂0 of each step (``[rows, T]``)."""
+    states = TrajectoryBuffer(rows, num_steps + 1, latent_shape, dtype=dtype, device=device)
+    x0 = TrajectoryBuffer(rows, num_steps, latent_shape, dtype=dtype, device=device) if x0_predictions else None
+    return states, x0

@@ -14,14 +14,16 @@ directory is atomic on POSIX), so a crash mid-write never leaves a checkpoint th
 ``latest_checkpoint`` ignores the temporaries. ``.pt`` files are read with
 ``torch.load(weights_only=True)``: they hold only tensors and plain Python containers.
 
-A run on several ranks (torchrun) writes the *sharded* layout instead (``otca_fast.distributed``):
+A run on several ranks (torchrun) writes the *sharded* layout instead (:func:`save_sharded`, every rank together):
 
 * ``dcp/``        — a ``torch.distributed.checkpoint`` directory (every rank writes its shards) holding
   ``model`` (the trainable weights by name), ``optim`` (the optimizer state keyed by parameter
   name, when the optimizer has stepped) and ``ema``;
 * ``state.pt`` and ``config.yaml`` as above, written by rank 0.
 
-Both layouts load on any number of ranks; :func:`load_checkpoint` reads either into full tensors
+Both layouts load on any number of ranks (:func:`load_onto_ranks`, keyed by parameter name, either FSDP or
+DDP); :func:`save_training` / :func:`load_training` are what the trainer calls for either layout, and
+:func:`load_checkpoint` reads either into full tensors
 (the sharded optimizer state comes back in ``optimizer.state_dict()`` form, keyed 0, 1, ... in the
 order of the trainable parameters).
 
@@ -37,11 +39,11 @@ write left behind.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,12 +52,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from otca_fast.config import ConfigError
+from otca_fast.distributed import DistContext, agree, all_reduce, barrier
+from otca_fast.errors import DISK_FULL, CheckpointError, CheckpointFileMissing, CheckpointWriteError, disk_full_errno
+
 __all__ = [
     "CHECKPOINT_SUBDIR", "DCP_SUBDIR", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "capture_rng_state", "restore_rng_state", "Checkpoint", "is_sharded", "read_sharded", "CheckpointError",
     "CheckpointFileMissing", "CheckpointWriteError", "read_state", "first_nonfinite", "checkpoint_dirs",
-    "load_newest_valid", "set_aside", "remove_stale_temporaries", "disk_full_errno", "write_failure",
-    "tensor_bytes", "torch_save", "format_bytes", "unreadable", "nonfinite_state",
+    "load_newest_valid", "resume_newest_valid", "set_aside", "remove_stale_temporaries", "disk_full_errno",
+    "write_failure",
+    "tensor_bytes", "torch_save", "format_bytes", "unreadable", "nonfinite_state", "save_sharded",
+    "load_onto_ranks", "training_state", "check_training_state", "save_training", "load_training", "config_changes",
 ]
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -65,20 +73,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # aside to be replaced (.old-PID)
 _TEMPORARY = re.compile(r"^\.step_(\d{8})\.(tmp|old)-.+$")
 T = TypeVar("T")
-
-
-class CheckpointError(OSError):
-    """A checkpoint that cannot be used or written. The message names the file and what is wrong with it
-    (missing, unreadable, truncated, holding NaN/Inf, no space left to write it)."""
-
-
-class CheckpointFileMissing(CheckpointError, FileNotFoundError):
-    """A file that a checkpoint needs (or lists) is not there."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written (non-finite values, a full disk); the checkpoints written before are
-    intact. ``errno`` is ENOSPC or EDQUOT for a full disk or quota."""
 
 
 class Checkpoint(dict):
@@ -246,6 +240,18 @@ def load_newest_valid(output_dir: str | Path, load: Callable[[Path], T],
         raise CheckpointFileMissing(f"--resume: no checkpoint in {root} (run without --resume to start a new run)")
     raise CheckpointError(f"--resume: no valid checkpoint in {root}: "
                           + "; ".join(f"{path.name}: {why}" for path, why in skipped))
+
+
+def resume_newest_valid(ctx: DistContext, output_dir: str | Path, load: Callable[[Path], T],
+                        warn: Callable[[str], None]) -> T:
+    """``--resume``: :func:`load_newest_valid` on every rank, then rank 0 sets the damaged newer checkpoints
+    aside (:func:`set_aside`), so the next run does not meet them again."""
+    _, value, skipped = load_newest_valid(output_dir, load, warn)
+    if ctx.is_main:
+        for path, _ in skipped:
+            warn(f"moved the damaged checkpoint {path.name} aside to {set_aside(path).name}")
+    barrier(ctx)
+    return value
 
 
 def set_aside(path: str | Path) -> Path:
@@ -511,28 +517,6 @@ def torch_save(obj: Any, path: str | Path) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-_DISK_FULL = {errno.ENOSPC: ("No space left on device", "no space left on device"),
-              errno.EDQUOT: ("Disk quota exceeded", "disk quota exceeded")}
-
-
-def disk_full_errno(error: BaseException) -> int | None:
-    """ENOSPC or EDQUOT when ``error`` (or what caused it) is a full disk or quota, else None. Also reads the
-    messages of libraries that do not raise an OSError (safetensors: "... (os error 28)"; DCP's
-    CheckpointException carries the failures of every rank as text)."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            return e.errno
-        text = str(e).lower()
-        for code, (message, _) in _DISK_FULL.items():
-            if message.lower() in text or f"os error {code})" in text:
-                return code
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def write_failure(error: BaseException, final: Path, needed: int) -> CheckpointWriteError | None:
     """The :class:`CheckpointWriteError` saying that the disk filled up while writing checkpoint ``final``
     (how much it needed, how much is free), or None when ``error`` is another failure."""
@@ -544,7 +528,7 @@ def write_failure(error: BaseException, final: Path, needed: int) -> CheckpointW
     except OSError:
         free = "an unknown amount"
     out = CheckpointWriteError(
-        f"{_DISK_FULL[code][1]} writing checkpoint {final}: it needs about {format_bytes(needed)}, {free} is free "
+        f"{DISK_FULL[code][1]} writing checkpoint {final}: it needs about {format_bytes(needed)}, {free} is free "
         f"there (the partial write was removed; the earlier checkpoints are intact). Free some space or lower "
         f"train.keep_checkpoints, then continue with --resume")
     out.errno = code
@@ -590,3 +574,297 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
         if name not in saved_gens:
             raise KeyError(f"checkpoint RNG: no saved state for generator {name!r} (saved: {sorted(saved_gens)})")
         g.set_state(saved_gens[name].cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# the sharded layout (torch.distributed.checkpoint): written by every rank together
+# ------------------------------------------------------------------------------------------------
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # only the trainable weights are saved: the frozen base comes from model.path / the seed
+    return StateDictOptions(ignore_frozen_params=True, strict=False, **kw)
+
+
+def save_sharded(ctx: DistContext, output_dir: str | Path, step: int, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None, state: dict[str, Any],
+                    config_yaml: str | None, keep_last: int) -> Path:
+    """Write the sharded checkpoint of ``step`` (a collective: every rank calls it).
+
+    Every rank writes its shards into ``.step_<8-digit step>.tmp-sharded/dcp``; rank 0 adds
+    ``state.pt`` (with the manifest of every file and its size) and ``config.yaml`` and publishes the
+    directory (:func:`publish_checkpoint`: synced, renamed into place, all but the newest
+    ``keep_last`` pruned). A non-finite value on any rank, or a full disk, raises
+    :class:`CheckpointWriteError` on every rank, and any failure leaves the previous
+    checkpoints as they were.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = Path(output_dir)
+    final = root / CHECKPOINT_SUBDIR / f"step_{step:08d}"
+    tmp = final.parent / f".{final.name}.tmp-sharded"
+    content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
+    # an optimizer that has never stepped has no state; get_optimizer_state_dict would initialise it
+    # with a zero-gradient step (moving AdamW's step count), so it is left out until it has stepped
+    has_optim = bool(optimizer.state)
+    if has_optim:
+        content["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
+    if ema is not None:
+        content["ema"] = dict(ema)
+    # never a checkpoint of non-finite values: each rank checks its shards, all decide together
+    agree(ctx, nonfinite_state(final, content, f" on rank {ctx.rank}"), CheckpointWriteError)
+    needed = int(all_reduce(ctx, torch.tensor([tensor_bytes(content)], dtype=torch.float64))[0])
+    error = None
+    if ctx.is_main:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            error = write_failure(e, final, needed) or e
+    agree(ctx, error, CheckpointWriteError)
+    error = None
+    try:
+        dcp.save(content, checkpoint_id=str(tmp / DCP_SUBDIR))
+    except Exception as e:  # noqa: BLE001 - decided together below; a full disk is said to be one
+        error = write_failure(e, final, needed) or e
+    if error is not None and ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    agree(ctx, error, CheckpointWriteError)
+    error = None
+    if ctx.is_main:
+        try:
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            torch_save({**state, "step": step, "world_size": ctx.world_size, "strategy": ctx.strategy,
+                             "has_optimizer_state": has_optim, "files": files}, tmp / "state.pt")
+            publish_checkpoint(tmp, final, keep_last)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = write_failure(e, final, needed) or e
+    agree(ctx, error, CheckpointWriteError)
+    return final
+
+
+def _assign(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``target`` (a plain tensor or this rank's shard of a DTensor)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                      src_data_rank=None)
+            target.copy_(local)
+        else:
+            target.copy_(full.to(target.device, target.dtype))
+
+
+def load_onto_ranks(ctx: DistContext, path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    named_trainable: dict[str, torch.nn.Parameter],
+                    ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Load a checkpoint of either layout into ``model``/``optimizer``/``ema`` (in place, any world size,
+    either strategy); returns its ``state.pt``. Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    p = Path(path)
+    names = list(named_trainable)
+    optimizer.state.clear()  # the checkpoint's state replaces it (and a failed earlier attempt leaves nothing)
+    if not is_sharded(p):
+        # the single-process layout: every rank reads (and verifies) the full tensors and keeps its part
+        c, error = None, None
+        try:
+            c = read_training_weights(p, names)
+        except CheckpointError as e:
+            error = e
+        agree(ctx, error, CheckpointError)
+        set_model_state_dict(model, {n: c["weights"][n] for n in names}, options=_options(full_state_dict=True))
+        saved = c["optimizer"]
+        if saved.get("state"):
+            osd = {"state": {names[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_optimizer_state_dict(model, optimizer, osd, options=_options(full_state_dict=True))
+        if ema is not None:
+            if c["ema"] is None:
+                raise ConfigError(f"checkpoint {p} has no EMA weights but train.ema.enabled is true")
+            for n in names:
+                _assign(ema[n], c["ema"][n])
+        return c["state"]
+
+    import torch.distributed.checkpoint as dcp
+
+    # the sharded layout: every file the manifest lists, and the DCP metadata, before any collective read
+    state, meta, error = None, None, None
+    try:
+        state = read_state(p)
+        meta = dcp.FileSystemReader(str(p / DCP_SUBDIR)).read_metadata()
+    except CheckpointError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
+        error = unreadable(p / DCP_SUBDIR / ".metadata", e)
+    agree(ctx, error, CheckpointError)
+    saved_keys = {k.split(".", 1)[1] for k in meta.state_dict_metadata if k.startswith("model.")}
+    _check_names(p, names, saved_keys)
+    content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
+    has_optim = bool(state.get("has_optimizer_state", True))
+    if has_optim:
+        content["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
+    if ema is not None:
+        if not any(k.startswith("ema.") for k in meta.state_dict_metadata):
+            raise ConfigError(f"checkpoint {p} has no EMA weights but train.ema.enabled is true")
+        content["ema"] = dict(ema)
+    error = None
+    try:
+        with warnings.catch_warnings():  # one process loading: "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(content, checkpoint_id=str(p / DCP_SUBDIR))
+    except Exception as e:  # noqa: BLE001 - a shard that does not read is damage
+        error = unreadable(p / DCP_SUBDIR, e)
+    agree(ctx, error, CheckpointError)
+    error = None
+    for key in ("model", "optim", "ema"):  # every rank checks the shards it read
+        bad = first_nonfinite(content.get(key), key)
+        if bad is not None:
+            error = CheckpointError(f"{p / DCP_SUBDIR}: {bad} (rank {ctx.rank}'s shard)")
+            break
+    agree(ctx, error, CheckpointError)
+    set_model_state_dict(model, content["model"], options=_options())
+    if has_optim:
+        set_optimizer_state_dict(model, optimizer, content["optim"], options=_options())
+    return state
+
+
+def _check_names(path: Path, names: list[str], saved) -> None:
+    missing = sorted(set(names) - set(saved))
+    extra = sorted(set(saved) - set(names))
+    if missing or extra:
+        raise ConfigError(f"checkpoint {path}: its weights do not match this config's trainable parameters "
+                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                          f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the config that wrote it")
+
+
+# ------------------------------------------------------------------------------------------------
+# a training run's checkpoint: what the trainer writes and reads back (either layout, any number of ranks)
+# ------------------------------------------------------------------------------------------------
+
+def training_state(*, step: int, optimizer_steps: int, generators: dict[str, torch.Generator], sampler,
+                   ema) -> dict[str, Any]:
+    """Everything besides the weights and the optimizer moments that the next step depends on: every RNG, the
+    prompt sampler, the counters, and the EMA's own state (its shadow weights are written beside the weights)."""
+    state = {"rng": capture_rng_state(generators), "sampler": sampler.state_dict(),
+             "optimizer_steps": optimizer_steps, "step": step}
+    if ema is not None:
+        ema_state = ema.state_dict()
+        ema_state.pop("shadow_params")
+        state["ema"] = ema_state
+    return state
+
+
+def check_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    """:class:`CheckpointError` when ``state`` is not a training state (a checkpoint of something else)."""
+    missing = [key for key in ("rng", "sampler", "optimizer_steps") if key not in state]
+    if missing:
+        raise CheckpointError(f"{Path(path) / 'state.pt'}: not a training state (no {missing})")
+
+
+def save_training(ctx: DistContext, output_dir: str | Path, step: int, state: dict[str, Any], *,
+                  model: torch.nn.Module, named_trainable: dict[str, torch.nn.Parameter],
+                  optimizer: torch.optim.Optimizer, ema, config_yaml: str, keep_last: int) -> Path:
+    """Checkpoint a run after ``step`` steps: the single-process layout, or the sharded one on several ranks
+    (every rank calls it). ``ema`` is the run's ``diffusers`` EMAModel or None."""
+    shadow = dict(zip(named_trainable, ema.shadow_params)) if ema is not None else None
+    if ctx.enabled:
+        return save_sharded(ctx, output_dir, step, model=model, optimizer=optimizer, ema=shadow, state=state,
+                            config_yaml=config_yaml, keep_last=keep_last)
+    return save_checkpoint(output_dir, step, weights=dict(named_trainable), optimizer=optimizer.state_dict(),
+                           state=state, ema=shadow, config_yaml=config_yaml, keep_last=keep_last)
+
+
+def load_training(ctx: DistContext, path: str | Path, *, model: torch.nn.Module,
+                  named_trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, ema, sampler,
+                  generators: dict[str, torch.Generator]) -> tuple[dict[str, Any], str | None]:
+    """Load the checkpoint ``path`` into the run in place (weights, optimizer, EMA, the prompt ``sampler`` and
+    every RNG); returns its training state and the config it was written with. :class:`CheckpointError` (on
+    every rank together) when it does not verify; :class:`otca_fast.config.ConfigError` when it does not fit
+    the run's config."""
+    state, config_yaml = _load_weights(ctx, Path(path), model=model, named_trainable=named_trainable,
+                                       optimizer=optimizer, ema=ema)
+    sampler.load_state_dict(state["sampler"])
+    rng = state["rng"]
+    if ctx.enabled or int(state.get("world_size", 1)) > 1:
+        # rank 0's RNG states (every rank drew the same); the per-GPU CUDA states belong to one machine's devices
+        # and the loop draws only from its own generators, so they are skipped
+        rng = {key: value for key, value in rng.items() if key != "torch_cuda"}
+    restore_rng_state(rng, generators)
+    return state, config_yaml
+
+
+def _load_weights(ctx: DistContext, path: Path, *, model: torch.nn.Module,
+                  named_trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                  ema) -> tuple[dict[str, Any], str | None]:
+    if ctx.enabled or is_sharded(path):
+        # any layout onto any number of ranks, either strategy: by parameter name (each rank keeps its part)
+        shadow = dict(zip(named_trainable, ema.shadow_params)) if ema is not None else None
+        state = load_onto_ranks(ctx, path, model=model, optimizer=optimizer, named_trainable=named_trainable,
+                                ema=shadow)
+        if ema is not None:
+            if "ema" not in state:
+                raise ConfigError(f"checkpoint {path} has no EMA weights but train.ema.enabled is true")
+            ema.load_state_dict(dict(state["ema"]))  # the shadow weights were loaded in place
+        config = path / "config.yaml"
+        check_training_state(path, state)
+        return state, config.read_text() if config.is_file() else None
+    c = read_training_weights(path, list(named_trainable))
+    check_training_state(path, c["state"])
+    with torch.no_grad():
+        for name, p in named_trainable.items():
+            p.copy_(c["weights"][name].to(p.device, p.dtype))
+    optimizer.load_state_dict(c["optimizer"])
+    state = c["state"]
+    if ema is not None:
+        if c["ema"] is None or "ema" not in state:
+            raise ConfigError(f"checkpoint {path} has no EMA weights but train.ema.enabled is true")
+        ema_state = dict(state["ema"])
+        ema_state["shadow_params"] = [c["ema"][n].to(p.device, p.dtype) for n, p in named_trainable.items()]
+        ema.load_state_dict(ema_state)
+    return state, c["config_yaml"]
+
+
+def read_training_weights(path: str | Path, names: list[str]) -> Checkpoint:
+    """The single-process layout, verified (:func:`load_checkpoint`), whose weights are exactly the trainable
+    parameters ``names`` (a :class:`otca_fast.config.ConfigError` naming the difference otherwise). The one
+    reader of that layout for training: a single process copies it in, ranks keep their parts of it."""
+    c = load_checkpoint(path, map_location="cpu")
+    _check_names(Path(path), names, c["weights"])
+    return c
+
+
+def config_changes(saved_yaml: str | None, now_yaml: str) -> list[str]:
+    """The config keys (dotted) that differ between a checkpoint's config and the run's, leaving out those that
+    cannot change the numbers (``run.``, ``eval.``, ``distributed.``, the step budget and checkpoint cadence)."""
+    import yaml
+
+    if saved_yaml is None:
+        return []
+    benign = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints"}
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(yaml.safe_load(saved_yaml)), flat(yaml.safe_load(now_yaml))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in benign
+                  and not k.startswith(("run.", "eval.", "distributed.")))

@@ -8,9 +8,10 @@ import torch
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str | torch.device, *, what: str = "run.device") -> torch.device:
-    """``auto`` (CUDA when available, else the CPU) or a torch device name; a clear error for a CUDA device on a
-    machine without one. ``what`` names the argument in the error."""
+def resolve_device(name: str | torch.device, *, what: str = "run.device",
+                   error: type[ValueError] = ValueError) -> torch.device:
+    """``auto`` (CUDA when available, else the CPU) or a torch device name; a clear ``error`` for a CUDA device on
+    a machine without one. ``what`` names the argument in the error."""
     if isinstance(name, torch.device):
         device = name
     elif name == "auto":
@@ -19,7 +20,7 @@ def resolve_device(name: str | torch.device, *, what: str = "run.device") -> tor
         try:
             device = torch.device(name)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"{what}: expected auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
+            raise error(f"{what}: expected auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what}: {str(name)!r} but no CUDA device is available (use 'auto' or 'cpu')")
+        raise error(f"{what}: {str(name)!r} but no CUDA device is available (use 'auto' or 'cpu')")
     return device

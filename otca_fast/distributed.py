@@ -1,4 +1,4 @@
-"""Scale-out on ``torch.distributed``: torchrun, DDP or FSDP2, global group statistics, sharded checkpoints.
+"""Scale-out on ``torch.distributed``: torchrun, DDP or FSDP2, global group statistics, failures agreed on.
 
 ``torchrun --nproc_per_node N -m otca_fast.train CONFIG`` runs the same trainer on N ranks (and on many
 nodes through torchrun's rendezvous). This module holds everything the trainer needs for that, so the
@@ -32,13 +32,8 @@ loop itself only calls small hooks:
   exits; the process-group timeout is the backstop. The same all-reduce carries a *stop request*
   (SIGTERM/SIGUSR1, :mod:`otca_fast.preemption`), and :func:`any_rank` agrees on one at the loop's other
   stop points, so every rank abandons (or finishes) the same step and checkpoints it together.
-* **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`). ``torch.distributed.checkpoint``
-  with ``get_state_dict``/``set_state_dict``: keyed by parameter name, so a checkpoint saved on W ranks
-  loads on any number of ranks, with either strategy, and in a single process (the single-process
-  safetensors layout loads on W ranks too). Written into a temporary directory and renamed, so a
-  failure mid-write leaves the previous checkpoint intact. Every rank checks its shards for NaN/Inf
-  before a write and after a read, and the ranks agree (:func:`agree`) on a damaged checkpoint or a
-  failed write, so ``--resume`` falls back to an older checkpoint on every rank together.
+* **Checkpoints** live in :mod:`otca_fast.checkpoint` (``save_sharded``, ``load_onto_ranks``), which uses
+  :func:`agree` so that the ranks decide together on a damaged checkpoint or a failed write.
 
 Rank 0 alone writes ``metrics.jsonl``, TensorBoard, plots, clips and the console and progress output.
 """
@@ -47,19 +42,19 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from otca_fast.errors import CheckpointError, TrainingError, disk_full_errno
+
 __all__ = [
     "DistContext", "RankFailure", "setup", "shutdown", "env_rank", "prepare_model", "resolve_strategy",
     "sync_gradients", "all_gather_rows", "all_reduce", "barrier", "check_errors", "record_fatal",
-    "recorded_failure", "fatal_message", "eval_share", "NullMetrics", "save_checkpoint", "load_checkpoint",
+    "recorded_failure", "fatal_message", "eval_share", "NullMetrics",
     "check_batch", "any_rank", "agree",
 ]
 
@@ -383,14 +378,13 @@ def eval_share(ctx: DistContext, total: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 def _describe(error: BaseException) -> tuple[str, bool]:
-    from otca_fast.checkpoint import CheckpointError
     from otca_fast.rewards import RewardError
     from otca_fast.rollout import NonFiniteError
 
     recoverable = isinstance(error, (RewardError, NonFiniteError))
     if isinstance(error, RankFailure):
         return str(error), error.recoverable
-    plain = recoverable or type(error).__name__ == "TrainingError" or isinstance(error, CheckpointError)
+    plain = recoverable or isinstance(error, (TrainingError, CheckpointError))
     text = str(error) if plain else f"{type(error).__name__}: {error}"
     return text, recoverable
 
@@ -436,8 +430,6 @@ def agree(ctx: DistContext, error: BaseException | None, cls: type[Exception]) -
     try:
         check_errors(ctx, error)
     except RankFailure as e:
-        from otca_fast.checkpoint import disk_full_errno
-
         out = cls("; ".join(dict.fromkeys(msg for _, msg, _ in e.failures)))
         if isinstance(out, OSError):
             out.errno = disk_full_errno(out)
@@ -521,186 +513,3 @@ class NullMetrics:
 
     def close(self) -> None:
         pass
-
-
-# ------------------------------------------------------------------------------------------------
-# sharded checkpoints (torch.distributed.checkpoint)
-# ------------------------------------------------------------------------------------------------
-
-def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # only the trainable weights are saved: the frozen base comes from model.path / the seed
-    return StateDictOptions(ignore_frozen_params=True, strict=False, **kw)
-
-
-def save_checkpoint(ctx: DistContext, output_dir: str | Path, step: int, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, ema: dict[str, torch.Tensor] | None, state: dict[str, Any],
-                    config_yaml: str | None, keep_last: int) -> Path:
-    """Write the sharded checkpoint of ``step`` (a collective: every rank calls it).
-
-    Every rank writes its shards into ``.step_<8-digit step>.tmp-sharded/dcp``; rank 0 adds
-    ``state.pt`` (with the manifest of every file and its size) and ``config.yaml`` and publishes the
-    directory (:func:`otca_fast.checkpoint.publish_checkpoint`: synced, renamed into place, all but the newest
-    ``keep_last`` pruned). A non-finite value on any rank, or a full disk, raises
-    :class:`otca_fast.checkpoint.CheckpointWriteError` on every rank, and any failure leaves the previous
-    checkpoints as they were.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    from otca_fast import checkpoint as ckpt
-
-    root = Path(output_dir)
-    final = root / ckpt.CHECKPOINT_SUBDIR / f"step_{step:08d}"
-    tmp = final.parent / f".{final.name}.tmp-sharded"
-    content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
-    # an optimizer that has never stepped has no state; get_optimizer_state_dict would initialise it
-    # with a zero-gradient step (moving AdamW's step count), so it is left out until it has stepped
-    has_optim = bool(optimizer.state)
-    if has_optim:
-        content["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
-    if ema is not None:
-        content["ema"] = dict(ema)
-    # never a checkpoint of non-finite values: each rank checks its shards, all decide together
-    agree(ctx, ckpt.nonfinite_state(final, content, f" on rank {ctx.rank}"), ckpt.CheckpointWriteError)
-    needed = int(all_reduce(ctx, torch.tensor([ckpt.tensor_bytes(content)], dtype=torch.float64))[0])
-    error = None
-    if ctx.is_main:
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            error = ckpt.write_failure(e, final, needed) or e
-    agree(ctx, error, ckpt.CheckpointWriteError)
-    error = None
-    try:
-        dcp.save(content, checkpoint_id=str(tmp / ckpt.DCP_SUBDIR))
-    except Exception as e:  # noqa: BLE001 - decided together below; a full disk is said to be one
-        error = ckpt.write_failure(e, final, needed) or e
-    if error is not None and ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    agree(ctx, error, ckpt.CheckpointWriteError)
-    error = None
-    if ctx.is_main:
-        try:
-            if config_yaml is not None:
-                (tmp / "config.yaml").write_text(config_yaml)
-            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            ckpt.torch_save({**state, "step": step, "world_size": ctx.world_size, "strategy": ctx.strategy,
-                             "has_optimizer_state": has_optim, "files": files}, tmp / "state.pt")
-            ckpt.publish_checkpoint(tmp, final, keep_last)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            error = ckpt.write_failure(e, final, needed) or e
-    agree(ctx, error, ckpt.CheckpointWriteError)
-    return final
-
-
-def _assign(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into ``target`` (a plain tensor or this rank's shard of a DTensor)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                      src_data_rank=None)
-            target.copy_(local)
-        else:
-            target.copy_(full.to(target.device, target.dtype))
-
-
-def load_checkpoint(ctx: DistContext, path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    named_trainable: dict[str, torch.nn.Parameter],
-                    ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """Load a checkpoint of either layout into ``model``/``optimizer``/``ema`` (in place, any world size,
-    either strategy); returns its ``state.pt``. Every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    from otca_fast import checkpoint as ckpt
-    from otca_fast.config import ConfigError
-
-    p = Path(path)
-    names = list(named_trainable)
-    optimizer.state.clear()  # the checkpoint's state replaces it (and a failed earlier attempt leaves nothing)
-    if not ckpt.is_sharded(p):
-        # the single-process layout: every rank reads (and verifies) the full tensors and keeps its part
-        c, error = None, None
-        try:
-            c = ckpt.load_checkpoint(p, map_location="cpu")
-        except ckpt.CheckpointError as e:
-            error = e
-        agree(ctx, error, ckpt.CheckpointError)
-        _check_names(p, names, c["weights"])
-        set_model_state_dict(model, {n: c["weights"][n] for n in names}, options=_options(full_state_dict=True))
-        saved = c["optimizer"]
-        if saved.get("state"):
-            osd = {"state": {names[i]: s for i, s in saved["state"].items()},
-                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
-            set_optimizer_state_dict(model, optimizer, osd, options=_options(full_state_dict=True))
-        if ema is not None:
-            if c["ema"] is None:
-                raise ConfigError(f"checkpoint {p} has no EMA weights but train.ema.enabled is true")
-            for n in names:
-                _assign(ema[n], c["ema"][n])
-        return c["state"]
-
-    import torch.distributed.checkpoint as dcp
-
-    # the sharded layout: every file the manifest lists, and the DCP metadata, before any collective read
-    state, meta, error = None, None, None
-    try:
-        state = ckpt.read_state(p)
-        meta = dcp.FileSystemReader(str(p / ckpt.DCP_SUBDIR)).read_metadata()
-    except ckpt.CheckpointError as e:
-        error = e
-    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage
-        error = ckpt.unreadable(p / ckpt.DCP_SUBDIR / ".metadata", e)
-    agree(ctx, error, ckpt.CheckpointError)
-    saved_keys = {k.split(".", 1)[1] for k in meta.state_dict_metadata if k.startswith("model.")}
-    _check_names(p, names, saved_keys)
-    content: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
-    has_optim = bool(state.get("has_optimizer_state", True))
-    if has_optim:
-        content["optim"] = get_optimizer_state_dict(model, optimizer, options=_options())
-    if ema is not None:
-        if not any(k.startswith("ema.") for k in meta.state_dict_metadata):
-            raise ConfigError(f"checkpoint {p} has no EMA weights but train.ema.enabled is true")
-        content["ema"] = dict(ema)
-    error = None
-    try:
-        with warnings.catch_warnings():  # one process loading: "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(content, checkpoint_id=str(p / ckpt.DCP_SUBDIR))
-    except Exception as e:  # noqa: BLE001 - a shard that does not read is damage
-        error = ckpt.unreadable(p / ckpt.DCP_SUBDIR, e)
-    agree(ctx, error, ckpt.CheckpointError)
-    error = None
-    for key in ("model", "optim", "ema"):  # every rank checks the shards it read
-        bad = ckpt.first_nonfinite(content.get(key), key)
-        if bad is not None:
-            error = ckpt.CheckpointError(f"{p / ckpt.DCP_SUBDIR}: {bad} (rank {ctx.rank}'s shard)")
-            break
-    agree(ctx, error, ckpt.CheckpointError)
-    set_model_state_dict(model, content["model"], options=_options())
-    if has_optim:
-        set_optimizer_state_dict(model, optimizer, content["optim"], options=_options())
-    return state
-
-
-def _check_names(path: Path, names: list[str], saved) -> None:
-    from otca_fast.config import ConfigError
-
-    missing = sorted(set(names) - set(saved))
-    extra = sorted(set(saved) - set(names))
-    if missing or extra:
-        raise ConfigError(f"checkpoint {path}: its weights do not match this config's trainable parameters "
-                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                          f"{extra[:3]}{'...' if len(extra) > 3 else ''}); resume with the config that wrote it")

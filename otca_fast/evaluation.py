@@ -25,8 +25,8 @@ import torch
 
 from otca_fast.stats import Interval, paired_difference
 
-__all__ = ["Evaluation", "HackingAlarm", "evaluation_rows", "evaluation_noise", "sample_and_score", "compare",
-           "metric_part_keys", "hacking_alarms"]
+__all__ = ["Evaluation", "HackingAlarm", "HeldOut", "evaluation_rows", "evaluation_noise", "sample_and_score",
+           "compare", "metric_part_keys", "hacking_alarms"]
 
 
 @dataclass
@@ -155,6 +155,56 @@ def sample_and_score(backbone, prompts: Sequence[str], noise: torch.Tensor, *, s
         for key in metric_chunks[0]:
             values[f"metric/{key}"] = torch.cat([chunk[key] for chunk in metric_chunks])
     return values, result.frames
+
+
+@dataclass
+class HeldOut:
+    """What a run evaluates on, the same at every evaluation: ``samples_per_prompt`` clips of each held-out
+    prompt from fixed noise (``seed``), ODE-sampled over ``sigmas`` and scored by the trained ``rewards`` and the
+    eval-only ``metrics``; the first ``keep_frames`` clips are kept for the report."""
+
+    backbone: object
+    prompts: list[str]
+    samples_per_prompt: int
+    seed: int
+    sigmas: torch.Tensor
+    latent_shape: tuple[int, ...]
+    latent_dtype: torch.dtype
+    batch_size: int
+    guidance_scale: float
+    negative_prompt: str
+    rewards: Sequence
+    metrics: Sequence
+    keep_frames: int
+
+    def sample(self, step: int, *, device: torch.device, lockstep, autocast: Callable = contextlib.nullcontext,
+               ) -> tuple[Evaluation, list[torch.Tensor]]:
+        """The evaluation at ``step`` with the weights in place, and the clips kept. ``lockstep``
+        (:class:`otca_fast.lockstep.Lockstep`): on several ranks each evaluates an equal share of the rows (the
+        last row repeated) and the scores are gathered; a stop signal abandons the evaluation at a stop point."""
+        from otca_fast import distributed
+
+        dist = lockstep.dist
+        prompts = evaluation_rows(self.prompts, self.samples_per_prompt)
+        total = len(prompts)
+        noise = evaluation_noise(total, self.latent_shape, self.seed, device=device, dtype=self.latent_dtype)
+        if dist.enabled:
+            share = distributed.eval_share(dist, total)
+            noise, prompts = noise[share], [prompts[i] for i in share.tolist()]
+
+        def sample():
+            result = sample_and_score(
+                self.backbone, prompts, noise, sigmas=self.sigmas, batch_size=self.batch_size,
+                guidance_scale=self.guidance_scale, negative_prompt=self.negative_prompt, rewards=self.rewards,
+                metrics=self.metrics, step=step, autocast=autocast,
+                scorer=lambda score: lockstep.scorer(score, len(self.rewards)),
+                keep_frames=self.keep_frames if dist.is_main else 0, on_progress=lambda _: lockstep.stop_point())
+            lockstep.raise_held()
+            return result
+
+        rows, clips = lockstep.run(sample, forwards=True)
+        rows = {key: distributed.all_gather_rows(dist, value)[:total] for key, value in rows.items()}
+        return Evaluation.from_rows(step, self.prompts, self.samples_per_prompt, self.seed, rows), clips
 
 
 def compare(before: Evaluation, after: Evaluation, *, level: float = 0.9, resamples: int = 2000,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +50,13 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, *, signal_name: str, step: int, checkpoint: Path | None):
         super().__init__(message)
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+def announce_on_stderr(message: str) -> None:
+    """What a run says when a stop signal arrives: plain stderr (it is called from a signal handler, where the
+    console's lock may be held)."""
+    sys.stderr.write(f"otca-train: {message}\n")
+    sys.stderr.flush()
 
 
 class StopSignals:

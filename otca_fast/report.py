@@ -27,7 +27,8 @@ import torch
 
 __all__ = [
     "MetricsLog", "read_metrics", "truncate_metrics", "discard_report_files_after", "plot_rewards", "plot_training",
-    "save_clip", "RunProgress", "summary_table",
+    "save_clip", "RunProgress", "summary_table", "reward_record", "peak_memory_gb", "summary_line", "write_plots",
+    "print_summary", "banner",
 ]
 
 
@@ -461,3 +462,83 @@ def summary_table(records: Sequence[dict[str, Any]], reward_names: Sequence[str]
     for key in ("reward/total", "loss", "kl", "clip_frac", "grad_norm", "samples_per_s", "peak_memory_gb"):
         row(key, key)
     return table
+
+
+# ------------------------------------------------------------------------------------------------
+# a training step's record
+# ------------------------------------------------------------------------------------------------
+
+def reward_record(rewards: torch.Tensor, reward_names: Sequence[str], weights: Sequence[float],
+                  group_ids: torch.Tensor) -> dict[str, float]:
+    """The rewards ``[N, K]`` of a step's batch: per objective the mean and spread, the weighted total, and the
+    share of groups (``group_ids [N]``, 0..P−1) that carry no GRPO signal."""
+    record: dict[str, float] = {}
+    for k, name in enumerate(reward_names):
+        record[f"reward/{name}"] = float(rewards[:, k].mean())
+        record[f"reward_std/{name}"] = float(rewards[:, k].std(unbiased=False))
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    record["reward/total"] = float((rewards * w).sum(1).mean())
+    # a group whose every objective has zero spread carries no GRPO signal (Flow-GRPO logs it)
+    groups = int(group_ids.max()) + 1
+    spread = torch.stack([rewards[group_ids == g].std(0, unbiased=False) for g in range(groups)])
+    record["zero_std_ratio"] = float((spread.amax(1) <= 1e-8).float().mean())
+    return record
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The step's peak memory: CUDA's allocator peak, or on the CPU the process's peak resident set."""
+    import resource
+    import sys
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def banner(c, *, device, reward_names: Sequence[str], trainable_params: int, output_dir: Path, resumed_at: int,
+           dist) -> str:
+    """The line a run (config ``c``) starts with: what trains on what, with which credit and rewards, and where."""
+    return (f"otca_fast: {c.model.family} on {device} | {c.train.finetune} ({trainable_params:,} trainable) | "
+            f"credit {c.credit.scheme} | rewards {', '.join(reward_names)} | "
+            f"{c.sample.prompts_per_step}x{c.sample.group_size} samples/step, {c.sample.num_steps} steps | "
+            f"output {output_dir}" + (f" | resumed at step {resumed_at}" if resumed_at else "")
+            + (f" | {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""))
+
+
+def summary_line(record: dict[str, Any], reward_names: Sequence[str]) -> str:
+    """One line per step for the progress display."""
+    parts = [f"{name}={record[f'reward/{name}']:.4g}" for name in reward_names]
+    parts += [f"loss={record['loss']:.3g}", f"kl={record['kl']:.2g}", f"clip={record['clip_frac']:.2f}",
+              f"{record['samples_per_s']:.2f} samples/s"]
+    return " ".join(parts)
+
+
+def write_plots(metrics: MetricsLog, report_dir: Path, step: int, reward_names: Sequence[str], *,
+                metric_keys: Sequence[str], credit_info: dict[str, Any] | None, scheme: str) -> None:
+    """``report/rewards.png`` (rewards beside the eval-only metrics), ``training.png`` and the credit heatmaps of
+    the latest step, each also logged as an image."""
+    records = read_metrics(metrics.path)
+    images = {"report/rewards": plot_rewards(records, reward_names, report_dir / "rewards.png",
+                                             metric_keys=list(metric_keys)),
+              "report/training": plot_training(records, report_dir / "training.png")}
+    if credit_info is not None:
+        from otca_fast.credit import plot_credit
+
+        images["report/credit"] = plot_credit(credit_info, report_dir / f"credit_step_{step:06d}.png",
+                                              objective_names=list(reward_names),
+                                              title=f"credit at step {step} ({scheme})")
+    for tag, path in images.items():
+        metrics.add_image_file(tag, path, step)
+
+
+def print_summary(console, metrics_path: Path, reward_names: Sequence[str], *, title: str,
+                  metric_keys: Sequence[str], changes: dict[str, Any]) -> None:
+    """The run's summary table on ``console`` (a rich Console)."""
+    from rich.console import Console
+
+    table = summary_table(read_metrics(metrics_path), reward_names, title=title, metric_keys=list(metric_keys),
+                          changes=changes)
+    # a log file or pipe: wide enough that metric names and intervals are not cut
+    out = console if console.is_terminal else Console(file=console.file, width=160)
+    out.print(table)

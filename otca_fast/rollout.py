@@ -31,8 +31,8 @@ import torch
 
 from otca_fast import ops
 
-__all__ = ["NonFiniteError", "RolloutResult", "RewardWorker", "sample_trajectories", "sde_step_mask", "chunks",
-           "share_chunks"]
+__all__ = ["NonFiniteError", "Rollout", "RolloutResult", "RewardWorker", "sample_trajectories", "sde_step_mask",
+           "chunks", "share_chunks", "cheap_step_reward_fn", "assemble_step_rewards", "check_training_loss"]
 
 
 class NonFiniteError(RuntimeError):
@@ -180,6 +180,22 @@ class RolloutResult:
     step_rewards: torch.Tensor | None = None     # [N, T+1, K] float32 CPU (otca_timing)
 
 
+@dataclass
+class Rollout:
+    """One training step's trajectories, as the trainer's later phases need them (the latent states live in the
+    trainer's buffers). On several ranks this rank's share: ``rows`` of the global batch."""
+
+    prompts: list[str]                  # this rank's prompts, one per row
+    cond: object                        # their prompt embeddings (backbone.encode_prompts)
+    uncond: object | None               # the negative prompt's embeddings (classifier-free guidance), else None
+    sde_mask: torch.Tensor              # [T] bool: the steps sampled with noise
+    window: tuple[int, int] | None      # the credit scheme ``window``'s (start, stop), else None
+    log_probs: torch.Tensor             # [N/W, T] the rollout's log π (0 on ODE steps)
+    rewards: torch.Tensor               # [N/W, K] this rank's rewards
+    step_rewards: torch.Tensor | None   # [N/W, T+1, K] per-state rewards (otca_timing), else None
+    rows: slice                         # this rank's rows of the global batch
+
+
 def _check_finite_rows(name: str, values: torch.Tensor, *, step: int, t: int, rows: slice,
                        prompts: Sequence[str], offset: int = 0) -> None:
     """``values`` ``[B]`` (one number per row of the chunk ``rows``) must be finite."""
@@ -190,6 +206,22 @@ def _check_finite_rows(name: str, values: torch.Tensor, *, step: int, t: int, ro
         raise NonFiniteError(f"step {step}: rollout {name} is {float(values[i])} at denoising step t={t} for "
                              f"sample {offset + n} (prompt {prompts[n]!r}); the velocity or the latent went non-finite "
                              f"(try float32 weights, a smaller learning rate, or a lower noise_level)")
+
+
+def check_training_loss(step: int, loss: torch.Tensor, stats: dict[str, torch.Tensor], ids: torch.Tensor,
+                        t: torch.Tensor) -> None:
+    """The training pass's recomputed log-prob, ratio, KL and loss (``ops.grpo_step_loss`` of rows ``ids`` at
+    steps ``t``) must be finite; a :class:`NonFiniteError` names the step, the timestep and the sample."""
+    for name in ("log_prob", "ratio", "kl"):
+        bad = ~torch.isfinite(stats[name])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise NonFiniteError(f"step {step}: training {name} is {float(stats[name][i])} at timestep index "
+                                 f"t={int(t[i])} for sample {int(ids[i])} (the recomputed velocity went "
+                                 f"non-finite)")
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteError(f"step {step}: the loss is {float(loss)} at timestep indices {t.tolist()} "
+                             f"(samples {ids.tolist()})")
 
 
 def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch.Tensor, init_noise: torch.Tensor,
@@ -317,3 +349,39 @@ def sample_trajectories(backbone, cond, *, sigmas: torch.Tensor, sde_mask: torch
     if step_rewards:
         result.step_rewards = torch.cat(step_rewards, 0)
     return result
+
+
+# --- otca_timing: cheap rewards on the decoded x̂0 predictions ---------------------------------------------
+
+def cheap_step_reward_fn(backbone, cheap_score: Callable[..., torch.Tensor], prompts: Sequence[str],
+                         states: Sequence[int], *, step: int):
+    """The rollout's ``step_reward_fn``: ``cheap_score`` (the rewards marked cheap) on the decoded x̂0 predictions
+    of ``states`` (the scored intermediate states; the final sample is scored anyway), ``[B, len(states), K_cheap]``
+    per chunk."""
+
+    def fn(rows: slice, x0s: list[torch.Tensor], _frames: torch.Tensor) -> torch.Tensor:
+        chunk_prompts = prompts[rows]
+        values = []
+        for j in states:
+            frames = backbone.decode(x0s[j]).float().cpu()
+            values.append(cheap_score(frames, chunk_prompts, step=step))
+        return torch.stack(values, 1)  # [B, M-1, K_cheap]
+
+    return fn
+
+
+def assemble_step_rewards(cheap_values: torch.Tensor, final: torch.Tensor, cheap: Sequence[int],
+                          states: Sequence[int], num_steps: int) -> torch.Tensor:
+    """[N, T+1, K]: the cheap rewards (columns ``cheap`` of ``final``) interpolated between the scored
+    ``states``, the others constant.
+
+    An objective that is not scored per step is given its final value at every state: its gains are then 0 and
+    its timing uniform (credit/timing.py).
+    """
+    from otca_fast.credit.timing import interpolate_step_rewards
+
+    values = torch.cat([cheap_values, final[:, None, list(cheap)]], 1)
+    interp = interpolate_step_rewards(values, list(states), num_steps)
+    out = final[:, None, :].repeat(1, num_steps + 1, 1)
+    out[:, :, list(cheap)] = interp.to(out.dtype)
+    return out

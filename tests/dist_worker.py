@@ -70,16 +70,16 @@ def main() -> int:
     dump = Path(sys.argv[1])
     dump.mkdir(parents=True, exist_ok=True)
     seen: list[dict] = []
-    real = Trainer.compute_advantages
+    real = Trainer.compute_credit
 
-    def recording(self, step, roll, group_ids):
-        A, info = real(self, step, roll, group_ids)
-        seen.append({"step": step, "A": A.clone(), "rows": (roll["rows"].start, roll["rows"].stop),
-                     "rewards": roll["rewards"].clone(), "world_size": self.dist.world_size,
+    def recording(self, step, rollout, group_ids):
+        credit = real(self, step, rollout, group_ids)
+        seen.append({"step": step, "A": credit.advantages.clone(), "rows": (rollout.rows.start, rollout.rows.stop),
+                     "rewards": credit.rewards.clone(), "world_size": self.dist.world_size,
                      "strategy": self.dist.strategy})
-        return A, info
+        return credit
 
-    Trainer.compute_advantages = recording
+    Trainer.compute_credit = recording
     idle = [0]
     real_idle = Trainer._idle_pass
 
@@ -115,12 +115,12 @@ def main() -> int:
     if os.environ.get("OTCA_TEST_UNEVEN_PAIRS"):
         real_choose = Trainer.choose_timesteps
 
-        def uneven(self, sde_mask, A, info):
-            index, weight, valid = real_choose(self, sde_mask, A, info)
-            assert index.shape[1] >= 2, "OTCA_TEST_UNEVEN_PAIRS needs 2 trained steps per sample"
-            valid = valid.clone()
-            valid[[0, 5, 6], 1] = False
-            return index, weight, valid
+        def uneven(self, sde_mask, credit):
+            steps = real_choose(self, sde_mask, credit)
+            assert steps.index.shape[1] >= 2, "OTCA_TEST_UNEVEN_PAIRS needs 2 trained steps per sample"
+            steps.valid = steps.valid.clone()
+            steps.valid[[0, 5, 6], 1] = False
+            return steps
 
         Trainer.choose_timesteps = uneven
     sigterm_at = os.environ.get("OTCA_TEST_SIGTERM_AT")

@@ -26,6 +26,7 @@ from test_trainer import TINY, _comparable, assert_same_state, records, small
 
 from otca_fast import checkpoint as ckpt
 from otca_fast import report, runlock
+from otca_fast import trainer as trainer_module
 from otca_fast.preemption import EXIT_STOPPED, StopSignals
 from otca_fast.rollout import RewardWorker
 from otca_fast.train import main
@@ -582,10 +583,10 @@ def _stop_while_waiting_for_rewards(monkeypatch, sig="SIGUSR1"):
 
 
 def _stop_after_the_first_update(monkeypatch, sig="SIGTERM"):
-    real_build, steps = Trainer._build_optimizer, []
+    real_build, steps = trainer_module.build_optimizer, []
 
-    def build(self):
-        opt = real_build(self)
+    def build(params, config):
+        opt = real_build(params, config)
         real_step = opt.step
 
         def step(*args, **kwargs):
@@ -598,7 +599,7 @@ def _stop_after_the_first_update(monkeypatch, sig="SIGTERM"):
         opt.step = step
         return opt
 
-    monkeypatch.setattr(Trainer, "_build_optimizer", build)
+    monkeypatch.setattr(trainer_module, "build_optimizer", build)
 
 
 def _stop_in_evaluation(monkeypatch, sig="SIGTERM"):

@@ -316,14 +316,14 @@ def test_credit_guided_steps_are_chosen_once_among_the_trainable_steps(tmp_path,
     with Trainer(cfg) as trainer:
         original = trainer.choose_timesteps
 
-        def spy(sde_mask, A, info):
-            out = original(sde_mask, A, info)
-            seen.update(sde_mask=sde_mask, A=A, info=info, out=out)
+        def spy(sde_mask, credit):
+            out = original(sde_mask, credit)
+            seen.update(sde_mask=sde_mask, A=credit.advantages, info=credit.info, out=out)
             return out
 
         trainer.choose_timesteps = spy
         (rec,) = trainer.train()
-    index, weight, valid = seen["out"]
+    index, valid = seen["out"].index, seen["out"].valid
     trainable = trainer.trainable_steps(seen["sde_mask"])
     s = trainable.numel()  # all: 6 steps minus the last = 5; fraction 0.5: the first 3
     assert s == (5 if sde == "all" else 3)
