@@ -19,11 +19,11 @@ import torch
 
 from otca_fast.models.base import (
     ImageBackbone,
-    PromptEmbeds,
     cast_like_pretrained,
     module_dtype,
     set_attention_backend,
 )
+from otca_fast.models.embeds import PromptEmbeds
 from otca_fast.models.loading import (
     load_image_pipeline,
 )

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from otca_fast.models.embeds import PromptEmbeds
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerFast
-
-    from otca_fast.models.base import PromptEmbeds
 
 __all__ = ["byte_tokenizer", "tiny_umt5", "tiny_t5", "tiny_clip", "PromptCache", "BYTE_SPECIALS"]
 
@@ -128,8 +128,6 @@ class PromptCache:
         return sum(t.numel() * t.element_size() for row in self._rows.values() for t in row.values())
 
     def get(self, prompts: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]) -> PromptEmbeds:
-        from otca_fast.models.base import PromptEmbeds
-
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)

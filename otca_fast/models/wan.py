@@ -18,17 +18,16 @@ from typing import Any
 
 import torch
 
-from otca_fast.models.base import (
-    DiffusersBackbone,
-    PromptEmbeds,
-    as_dtype,
-    cast_like_pretrained,
+from otca_fast.devices import as_dtype
+from otca_fast.models.base import DiffusersBackbone, cast_like_pretrained, module_dtype, set_attention_backend
+from otca_fast.models.embeds import PromptEmbeds
+from otca_fast.models.loading import (
     check_build_source,
+    from_pretrained_kwargs,
     merge_tiny,
-    module_dtype,
-    set_attention_backend,
+    pipeline_dtype_kwargs,
+    resolve_checkpoint,
 )
-from otca_fast.models.loading import from_pretrained_kwargs, pipeline_dtype_kwargs, resolve_checkpoint
 from otca_fast.models.text import byte_tokenizer, tiny_umt5
 
 __all__ = ["WanBackbone", "WanExperts", "build_wan21", "build_wan22", "wan21_1_3b_config", "TINY_WAN"]
