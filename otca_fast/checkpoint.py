@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from otca_fast import checks
+
 __all__ = [
     "CHECKPOINT_SUBDIR", "DCP_SUBDIR", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "capture_rng_state", "restore_rng_state", "Checkpoint", "is_sharded", "read_sharded", "CheckpointError",
@@ -122,10 +124,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
     Raises :class:`CheckpointWriteError` (nothing written, the earlier checkpoints intact) when a tensor is
     NaN/Inf or the disk fills up.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last: expected an int >= 1, got {keep_last!r}")
+    checks.int_at_least("step", step, 0)
+    checks.int_at_least("keep_last", keep_last, 1)
     root = Path(output_dir)
     final = _step_dir(root, step)
     weights = _contiguous(weights, "weights")

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from otca_fast.devices import as_dtype
+from otca_fast import checks
+from otca_fast.devices import as_dtype, resolve_device
 from otca_fast.models.embeds import PromptEmbeds
 from otca_fast.models.text import PromptCache
 
@@ -414,7 +415,8 @@ def build_backbone(family: str, *, path: str | None = None, tiny: dict | bool | 
 
     ``tiny=True`` (or a dict of per-component config overrides) builds the same diffusers classes
     with small random weights, for tests. ``path`` must be a local directory unless
-    ``allow_download`` (then a Hub repo id works too). ``options`` are family-specific (see each
+    ``allow_download`` (then a Hub repo id works too). ``device`` is a torch device or ``"auto"``
+    (CUDA when available, else the CPU), as ``run.device``. ``options`` are family-specific (see each
     ``build_*`` factory and docs/models.md).
     """
     if not isinstance(family, str):
@@ -424,12 +426,7 @@ def build_backbone(family: str, *, path: str | None = None, tiny: dict | bool | 
         raise TypeError(f"allow_download: expected a bool, got {type(allow_download).__name__}")
     if tiny is not None and not isinstance(tiny, (bool, dict)):
         raise TypeError(f"tiny: expected a bool or a dict of overrides, got {type(tiny).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available on this machine")
+    device = resolve_device(device, what="device")
     factory = _factory_for(family.strip().lower())
     backbone = factory(path=path, tiny=tiny, allow_download=allow_download, dtype=dtype, device=device,
                        attention_backend=attention_backend, **options)
@@ -466,8 +463,7 @@ class ImageBackbone(DiffusersBackbone):
     def _check_image_size(self, height: int, width: int) -> int:
         multiple = self.pipe.vae_scale_factor * self._patch_multiple()
         for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            checks.positive_int(name, v)
             if v % multiple:
                 raise ValueError(f"{name}: {self.family} needs a multiple of {multiple} (VAE "
                                  f"{self.pipe.vae_scale_factor}x times patch {self._patch_multiple()}), got {v}")
@@ -481,8 +477,7 @@ class ImageBackbone(DiffusersBackbone):
         """Run the family's ``FlowMatchEulerDiscreteScheduler.set_timesteps`` as its pipeline does."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        checks.positive_int("num_steps", num_steps)
         cfg = self.scheduler.config
         kwargs: dict[str, Any] = {}
         if cfg.get("use_dynamic_shifting", False):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from otca_fast import checks
 from otca_fast.models.embeds import PromptEmbeds
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -38,8 +39,7 @@ def byte_tokenizer(*, style: str = "t5", model_max_length: int = 512) -> PreTrai
 
     if style not in ("t5", "clip"):
         raise ValueError(f"style: expected 't5' or 'clip', got {style!r}")
-    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
-        raise ValueError(f"model_max_length: expected an int >= 2, got {model_max_length!r}")
+    checks.int_at_least("model_max_length", model_max_length, 2)
     vocab = dict(BYTE_SPECIALS)
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
