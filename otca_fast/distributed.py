@@ -251,7 +251,7 @@ def _block_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def _fully_shard(module: torch.nn.Module, fsdp_cfg, device: torch.device) -> None:
+def _fully_shard(module: torch.nn.Module, fsdp_cfg) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp_cfg.param_dtype),
@@ -280,9 +280,9 @@ def prepare_model(ctx: DistContext, cfg, transformer: torch.nn.Module, reference
         return named_trainable
     ctx.strategy = resolve_strategy(cfg.distributed.strategy, transformer, cfg.train.finetune)
     if ctx.strategy == "fsdp":
-        _fully_shard(transformer, cfg.distributed.fsdp, ctx.device)
+        _fully_shard(transformer, cfg.distributed.fsdp)
         if reference is not None:
-            _fully_shard(reference, cfg.distributed.fsdp, ctx.device)
+            _fully_shard(reference, cfg.distributed.fsdp)
     else:
         import torch.distributed as dist
 
