@@ -381,8 +381,8 @@ def grpo_loss_from_coefficients(sample: torch.Tensor, model_output: torch.Tensor
 
 # ============================================================================================
 # Trajectory credit (TCD): per-state cosine to the final latent.
-# Appended by the credit issue (otca_fast/credit/); the torch reference of
-# kernels/trajectory_credit.py. Nothing above this line depends on it.
+# The torch reference of kernels/trajectory_credit.py, used by otca_fast/credit/; the step and
+# loss math above does not depend on it, so the SDE ops can be read without it.
 # ============================================================================================
 
 def frame_layout(state_shape: tuple[int, ...] | torch.Size, frame_dim: int | None) -> tuple[int, int, int]:
