@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from otca_fast import checks
 from otca_fast.config import ConfigError
 from otca_fast.distributed import DistContext, agree, all_reduce, barrier
 from otca_fast.errors import DISK_FULL, CheckpointError, CheckpointFileMissing, CheckpointWriteError, disk_full_errno
@@ -116,10 +117,8 @@ def save_checkpoint(output_dir: str | Path, step: int, *, weights: dict[str, tor
     Raises :class:`CheckpointWriteError` (nothing written, the earlier checkpoints intact) when a tensor is
     NaN/Inf or the disk fills up.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: expected an int >= 0, got {step!r}")
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
-        raise ValueError(f"keep_last: expected an int >= 1, got {keep_last!r}")
+    checks.int_at_least("step", step, 0)
+    checks.int_at_least("keep_last", keep_last, 1)
     root = Path(output_dir)
     final = _step_dir(root, step)
     weights = _contiguous(weights, "weights")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,16 +38,73 @@ def raise_if_not_finite(name: str, value: torch.Tensor, what: str = "index") -> 
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Credit is computed in float32 (float64 stays float64)."""
+    """The dtype the reference math and the credit are computed in: float32 whatever the input dtype
+    (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+def choice(name: str, value: Any, options: Sequence[Any]) -> None:
+    """``value`` must be one of ``options`` (the message shows them as given: a tuple or a list)."""
     if value not in options:
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")
 
 
 def finite_number(name: str, value: Any) -> float:
+    """``value`` as a float; a TypeError for a bool, a non-number, NaN or Inf."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
+
+
+def positive(name: str, value: Any) -> float:
+    """A finite number > 0 (as a float)."""
+    number = finite_number(name, value)
+    if not number > 0:
+        raise ValueError(f"{name}: expected a value > 0, got {value!r}")
+    return number
+
+
+def unit_interval(name: str, value: Any) -> float:
+    """A finite number in [0, 1] (as a float)."""
+    number = finite_number(name, value)
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
+    return number
+
+
+def fraction(name: str, value: Any) -> float:
+    """A finite number in (0, 1] (as a float)."""
+    number = finite_number(name, value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"{name}: expected a value in (0, 1], got {value!r}")
+    return number
+
+
+def integer(name: str, value: Any, *, minimum: int) -> int:
+    """An int (not a bool) >= ``minimum``: a TypeError for a non-int, a ValueError below the minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def int_at_least(name: str, value: Any, minimum: int) -> int:
+    """An int (not a bool) >= ``minimum``, with one ValueError for a non-int and for a small one alike."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def positive_int(name: str, value: Any) -> int:
+    """An int (not a bool) >= 1; a ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    """A bool (not merely truthy); a TypeError otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+    return value

@@ -27,6 +27,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from otca_fast.credit import CreditConfig
+from otca_fast.credit.schemes import SCHEMES as CREDIT_SCHEMES
+from otca_fast.reference import DYNAMICS
+
 __all__ = [
     "Config", "RunConfig", "WandbConfig", "ModelConfig", "DataConfig", "SampleConfig", "SDEConfig", "RewardSpec",
     "TrainConfig", "TimestepConfig", "LoraConfig", "EMAConfig", "OptimizerConfig", "EvalConfig",
@@ -35,11 +39,10 @@ __all__ = [
     "reference_markdown",
 ]
 
-# The credit schemes of otca_fast.credit.build_advantages (issue 4); `otca` is the default of the
-# example configs, the others are the baselines and ablations it is compared with.
-CREDIT_SCHEMES = ("uniform", "dance", "tempflow", "window", "coca", "otca", "otca_timing", "tcd_only",
-                  "moca_only")
-DYNAMICS = ("flow_sde", "dance_sde", "cps", "ode")
+# CREDIT_SCHEMES (imported above) are the schemes of otca_fast.credit.build_advantages, which owns the list;
+# `otca` is the default of the example configs, the others are the baselines and ablations it is compared with.
+# A rollout needs stochastic (trainable) steps: every dynamics of otca_fast.reference but the deterministic ODE.
+ROLLOUT_DYNAMICS = tuple(d for d in DYNAMICS if d != "ode")
 # CreditConfig fields that are not in the YAML credit section: each has one source of truth
 # elsewhere (see Config.credit_config), so the two can never disagree.
 CREDIT_DERIVED = ("dynamics", "noise_level", "objective_weights", "num_steps", "progress", "select_fraction",
@@ -169,7 +172,7 @@ class SampleConfig(_Section):
     guidance_scale: Annotated[float, Field(ge=1.0)] = Field(
         1.0, description="CFG scale; 1 = no CFG (cond only); > 1 batches cond + uncond in one forward")
     negative_prompt: str = Field("", description="the unconditional prompt of CFG")
-    dynamics: Literal["flow_sde", "dance_sde", "cps"] = Field(
+    dynamics: Literal[ROLLOUT_DYNAMICS] = Field(
         "flow_sde", description="SDE of the stochastic steps (ops.sde_step)")
     noise_level: PositiveFloat = Field(0.7, description="a (flow_sde, cps) or eta (dance_sde) of the SDE")
     same_noise: bool = Field(False, description="the samples of a group share their initial noise x_T")
@@ -393,8 +396,6 @@ def _attribute_docstrings(cls: type) -> dict[str, str]:
 @functools.cache
 def credit_section_model() -> type[BaseModel]:
     """A pydantic model with ``scheme`` plus one field per field of ``CreditConfig`` (same defaults)."""
-    from otca_fast.credit import CreditConfig
-
     hints = typing.get_type_hints(CreditConfig)
     docs = _attribute_docstrings(CreditConfig)
     fields: dict[str, Any] = {
@@ -534,8 +535,6 @@ class Config(_Section):
         ``select_mode`` from ``train.timesteps`` (mode ``credit``); ``progress`` is passed per step
         by the trainer.
         """
-        from otca_fast.credit import CreditConfig
-
         weights = [r.weight for r in self.rewards]
         total = sum(abs(w) for w in weights)
         return CreditConfig(**self.credit.model_dump(exclude={"scheme"}), dynamics=self.sample.dynamics,

@@ -6,6 +6,19 @@ import torch
 
 # the dtypes a config may name (model.dtype, sample.latent_dtype, ...)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# short spellings that build_backbone(dtype=...) also accepts
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_SPELLINGS: dict[str, torch.dtype] = {**DTYPES, **{alias: DTYPES[name] for alias, name in DTYPE_ALIASES.items()}}
+
+
+def as_dtype(name: str, value: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a dtype or its YAML spelling ("float32", "bf16", ...); ``name`` names the
+    argument in the error."""
+    if isinstance(value, str) and value.strip().lower() in _SPELLINGS:
+        return _SPELLINGS[value.strip().lower()]
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise TypeError(f"{name}: expected a floating torch.dtype or one of {sorted(_SPELLINGS)}, got {value!r}")
 
 
 def resolve_device(name: str | torch.device, *, what: str = "run.device",

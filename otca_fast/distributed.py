@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from otca_fast.devices import DTYPES, resolve_device
 from otca_fast.errors import CheckpointError, TrainingError, disk_full_errno
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
 AUTO_FSDP_PARAMS = 1_000_000_000
 AUTO_FSDP_FULL_FINETUNE_PARAMS = 100_000_000
 _FATAL_KEY = "otca_fast/failed/"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RankFailure(RuntimeError):
@@ -145,15 +145,12 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"environment: expected 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world}")
-    if device == "auto":
-        dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and world > 1 else
-                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    elif device == "cuda" and world > 1:
-        dev = torch.device(f"cuda:{local_rank}")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {device!r} but no CUDA device is available (use 'auto' or 'cpu')")
+    try:
+        dev = resolve_device(device, what="run.device")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if world > 1 and device in ("auto", "cuda") and dev.type == "cuda":
+        dev = torch.device(f"cuda:{local_rank}")  # one GPU per rank: torchrun's LOCAL_RANK picks it
     if world == 1:
         return DistContext(device=dev)
     import torch.distributed as dist
@@ -248,11 +245,11 @@ def _block_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def _fully_shard(module: torch.nn.Module, fsdp_cfg, device: torch.device) -> None:
+def _fully_shard(module: torch.nn.Module, fsdp_cfg) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=_DTYPES.get(fsdp_cfg.param_dtype),
-                              reduce_dtype=_DTYPES.get(fsdp_cfg.reduce_dtype))
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(fsdp_cfg.param_dtype),
+                              reduce_dtype=DTYPES.get(fsdp_cfg.reduce_dtype))
     # pinned host memory needs a GPU (pin_memory raises on a machine without one)
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if fsdp_cfg.cpu_offload else OffloadPolicy()
     for block in _block_modules(module):
@@ -277,9 +274,9 @@ def prepare_model(ctx: DistContext, cfg, transformer: torch.nn.Module, reference
         return named_trainable
     ctx.strategy = resolve_strategy(cfg.distributed.strategy, transformer, cfg.train.finetune)
     if ctx.strategy == "fsdp":
-        _fully_shard(transformer, cfg.distributed.fsdp, ctx.device)
+        _fully_shard(transformer, cfg.distributed.fsdp)
         if reference is not None:
-            _fully_shard(reference, cfg.distributed.fsdp, ctx.device)
+            _fully_shard(reference, cfg.distributed.fsdp)
     else:
         import torch.distributed as dist
 

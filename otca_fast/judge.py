@@ -22,26 +22,26 @@ from pathlib import Path
 
 import torch
 
+from otca_fast.devices import DTYPES, resolve_device
 from otca_fast.evaluation import Evaluation, compare, evaluation_noise, evaluation_rows, sample_and_score
 
 __all__ = ["judge_run", "format_table", "main"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _load_policies(cfg, checkpoint: Path, device: torch.device, weights: str) -> list[tuple[str, object, object]]:
     """``[(name, backbone, context), ...]`` for ``base`` and ``trained``: ``context()`` puts the policy in
     place (LoRA: one backbone, adapters off for the base; full fine-tuning: two backbones)."""
     from otca_fast import checkpoint as ckpt
+    from otca_fast.data import seed_everything
+    from otca_fast.finetuning import adapters_disabled, add_lora_adapters
     from otca_fast.models import build_backbone
-    from otca_fast.trainer import adapters_disabled, add_lora_adapters, seed_everything
 
     m = cfg.model
 
     def build():
         seed_everything(cfg.run.seed)  # as the trainer does before building: tiny random bases are the same
         backbone = build_backbone(m.family, path=None if m.path is None else str(m.path), tiny=m.tiny or None,
-                                  allow_download=m.allow_download, dtype=_DTYPES[m.dtype], device=device,
+                                  allow_download=m.allow_download, dtype=DTYPES[m.dtype], device=device,
                                   attention_backend=m.attention_backend, **m.options)
         backbone.transformer.requires_grad_(False).eval()
         return backbone
@@ -78,16 +78,15 @@ def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per
     """
     from otca_fast import checkpoint as ckpt
     from otca_fast.config import load_config
+    from otca_fast.data import read_prompts
     from otca_fast.rewards import build_reward
-    from otca_fast.trainer import read_prompts
 
     run = Path(run_dir)
     cfg = load_config(run / "config.yaml")
     path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run)
     if path is None:
         raise FileNotFoundError(f"{run}: no checkpoint under {run / ckpt.CHECKPOINT_SUBDIR}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = resolve_device(device, what="device")
     if cfg.model.family == "shapes":
         import otca_fast.toy.exam  # noqa: F401  (registers shapes_exam)
         import otca_fast.toy.rewards  # noqa: F401
@@ -105,7 +104,7 @@ def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per
     step = int(ckpt.load_checkpoint(path)["step"])
     per_policy: dict[str, list[dict[str, torch.Tensor]]] = {"base": [], "trained": []}
     for seed in seeds:
-        noise = evaluation_noise(len(rows), shape, seed, device=dev, dtype=_DTYPES[cfg.sample.latent_dtype])
+        noise = evaluation_noise(len(rows), shape, seed, device=dev, dtype=DTYPES[cfg.sample.latent_dtype])
         for name, policy, in_place in policies:
             with in_place():
                 values, _ = sample_and_score(policy, rows, noise, sigmas=sigmas, batch_size=cfg.sample.batch_size,

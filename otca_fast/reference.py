@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from otca_fast.checks import compute_dtype  # otca_fast.ops calls it as reference.compute_dtype
+
 DYNAMICS = ("flow_sde", "dance_sde", "cps", "ode")
 # dynamics whose log-prob is a normalised Gaussian density (the others are Flow-GRPO's
 # unnormalised −mean((x'−μ)²) surrogates, which is why their clip ranges are ~1e-5)
@@ -40,11 +42,6 @@ class StepCoefficients(NamedTuple):
     std: torch.Tensor  # std of the step noise (0 for ODE / the last CPS step)
     gamma: torch.Tensor  # weight of the squared residual in the log-prob
     const: torch.Tensor  # per-element constant of the log-prob
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Log-probs are computed in float32 whatever the input dtype (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_batch_vector(value: float | torch.Tensor, batch: int, dtype: torch.dtype,
@@ -384,8 +381,8 @@ def grpo_loss_from_coefficients(sample: torch.Tensor, model_output: torch.Tensor
 
 # ============================================================================================
 # Trajectory credit (TCD): per-state cosine to the final latent.
-# Appended by the credit issue (otca_fast/credit/); the torch reference of
-# kernels/trajectory_credit.py. Nothing above this line depends on it.
+# The torch reference of kernels/trajectory_credit.py, used by otca_fast/credit/; the step and
+# loss math above does not depend on it, so the SDE ops can be read without it.
 # ============================================================================================
 
 def frame_layout(state_shape: tuple[int, ...] | torch.Size, frame_dim: int | None) -> tuple[int, int, int]:

@@ -1,10 +1,11 @@
 """``CreditConfig``: every knob of the credit schemes, named, with its default and the reason for it.
 
-A frozen dataclass with no dependency beyond the standard library, so ``otca_fast.credit`` can be
-used from any GRPO loop. The trainer's pydantic config mirrors it field for field;
-:func:`as_credit_config` accepts a ``CreditConfig``, a plain mapping (unknown keys are an error, so
-a typo cannot silently fall back to a default) or any object with these attributes (a pydantic
-model, a namespace); attributes such an object lacks take the defaults below.
+A frozen dataclass, so ``otca_fast.credit`` can be used from any GRPO loop; its checks are
+:mod:`otca_fast.checks` and its dynamics names :data:`otca_fast.reference.DYNAMICS`. The trainer's
+pydantic config mirrors it field for field; :func:`as_credit_config` accepts a ``CreditConfig``, a
+plain mapping (unknown keys are an error, so a typo cannot silently fall back to a default) or any
+object with these attributes (a pydantic model, a namespace); attributes such an object lacks take
+the defaults below.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from otca_fast import checks
+from otca_fast.reference import DYNAMICS
+
 NORMALIZE = ("mean", "sum")
 SOURCES = ("latent", "x0_pred")
 STD_MODES = ("group", "global")
@@ -21,7 +25,6 @@ AGGREGATES = ("normalize_then_sum", "sum_then_normalize")
 WINDOW_SCHEDULES = ("random", "progressive", "fixed")
 TEMPFLOW_NORMS = ("constant", "mean")
 SELECT_MODES = ("importance", "topk")
-DYNAMICS = ("flow_sde", "dance_sde", "cps", "ode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +125,12 @@ class CreditConfig:
                 if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
                     raise TypeError(f"{name}: expected a sequence of numbers or None, got {value!r}")
                 object.__setattr__(self, name, tuple(value))
-        _positive("eps", self.eps)
-        _choice("normalize", self.normalize, NORMALIZE)
-        _choice("source", self.source, SOURCES)
-        _boolean("per_frame", self.per_frame)
-        _integer("frame_dim", self.frame_dim, minimum=0)
-        _unit("exploration", self.exploration)
+        checks.positive("eps", self.eps)
+        checks.choice("normalize", self.normalize, NORMALIZE)
+        checks.choice("source", self.source, SOURCES)
+        checks.boolean("per_frame", self.per_frame)
+        checks.integer("frame_dim", self.frame_dim, minimum=0)
+        checks.unit_interval("exploration", self.exploration)
         for name in ("objective_weights", "dance_coefficients"):
             value = getattr(self, name)
             if value is not None:
@@ -136,38 +139,38 @@ class CreditConfig:
                 for i, v in enumerate(value):
                     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                         raise ValueError(f"{name}: expected finite numbers, got {v!r} at index {i}")
-        _choice("aggregate", self.aggregate, AGGREGATES)
-        _choice("std", self.std, STD_MODES)
-        _positive("adv_eps", self.adv_eps)
-        _positive("adv_clip_max", self.adv_clip_max)
+        checks.choice("aggregate", self.aggregate, AGGREGATES)
+        checks.choice("std", self.std, STD_MODES)
+        checks.positive("adv_eps", self.adv_eps)
+        checks.positive("adv_clip_max", self.adv_clip_max)
         if self.num_steps is not None:
-            _integer("num_steps", self.num_steps, minimum=1)
-        _fraction("dance_fraction", self.dance_fraction)
-        _integer("window_size", self.window_size, minimum=1)
+            checks.integer("num_steps", self.num_steps, minimum=1)
+        checks.fraction("dance_fraction", self.dance_fraction)
+        checks.integer("window_size", self.window_size, minimum=1)
         if self.window_range is not None:
             if len(self.window_range) != 2:
                 raise ValueError(f"window_range: expected (lo, hi), got {self.window_range!r}")
             lo, hi = self.window_range
-            _integer("window_range[0]", lo, minimum=0)
-            _integer("window_range[1]", hi, minimum=1)
+            checks.integer("window_range[0]", lo, minimum=0)
+            checks.integer("window_range[1]", hi, minimum=1)
             if hi - lo < self.window_size:
                 raise ValueError(f"window_range: expected hi - lo >= window_size = {self.window_size}, "
                                  f"got {self.window_range!r}")
-        _choice("window_schedule", self.window_schedule, WINDOW_SCHEDULES)
+        checks.choice("window_schedule", self.window_schedule, WINDOW_SCHEDULES)
         if self.progress is not None:
-            _unit("progress", self.progress)
-        _choice("dynamics", self.dynamics, DYNAMICS)
-        _positive("noise_level", self.noise_level)
-        _positive("tempflow_scale", self.tempflow_scale)
-        _choice("tempflow_norm", self.tempflow_norm, TEMPFLOW_NORMS)
-        _unit("coca_alpha", self.coca_alpha)
-        _integer("coca_window", self.coca_window, minimum=1)
-        _boolean("coca_restandardize", self.coca_restandardize)
-        _integer("timing_every", self.timing_every, minimum=1)
-        _unit("timing_blend", self.timing_blend)
+            checks.unit_interval("progress", self.progress)
+        checks.choice("dynamics", self.dynamics, DYNAMICS)
+        checks.positive("noise_level", self.noise_level)
+        checks.positive("tempflow_scale", self.tempflow_scale)
+        checks.choice("tempflow_norm", self.tempflow_norm, TEMPFLOW_NORMS)
+        checks.unit_interval("coca_alpha", self.coca_alpha)
+        checks.integer("coca_window", self.coca_window, minimum=1)
+        checks.boolean("coca_restandardize", self.coca_restandardize)
+        checks.integer("timing_every", self.timing_every, minimum=1)
+        checks.unit_interval("timing_blend", self.timing_blend)
         if self.select_fraction is not None:
-            _fraction("select_fraction", self.select_fraction)
-        _choice("select_mode", self.select_mode, SELECT_MODES)
+            checks.fraction("select_fraction", self.select_fraction)
+        checks.choice("select_mode", self.select_mode, SELECT_MODES)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CreditConfig))
@@ -191,40 +194,3 @@ def as_credit_config(config: CreditConfig | Mapping[str, Any] | Any | None) -> C
                         f"attributes, got {type(config).__name__} with none of them")
     return CreditConfig(**values)
 
-
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: Any) -> None:
-    if not _number(name, value) > 0:
-        raise ValueError(f"{name}: expected a value > 0, got {value!r}")
-
-
-def _unit(name: str, value: Any) -> None:
-    if not 0.0 <= _number(name, value) <= 1.0:
-        raise ValueError(f"{name}: expected a value in [0, 1], got {value!r}")
-
-
-def _fraction(name: str, value: Any) -> None:
-    if not 0.0 < _number(name, value) <= 1.0:
-        raise ValueError(f"{name}: expected a value in (0, 1], got {value!r}")
-
-
-def _integer(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def _boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")

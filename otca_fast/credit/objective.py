@@ -51,7 +51,5 @@ def objective_credit(advantages: torch.Tensor, *, exploration: float = 0.1) -> t
     """
     checks.float_tensor("advantages", advantages, dim=2)
     checks.raise_if_not_finite("advantages", advantages)
-    lam = checks.finite_number("exploration", exploration)
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"exploration: expected a value in [0, 1], got {exploration!r}")
+    lam = checks.unit_interval("exploration", exploration)
     return reference.moca_weights(advantages, lam)

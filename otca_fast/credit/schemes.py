@@ -60,8 +60,7 @@ def window_steps(num_steps: int, config: ConfigLike = None, *, generator: torch.
     (MixGRPO's progressive strategy, with its stride set by the run length); ``"fixed"`` — at lo.
     """
     cfg = as_credit_config(config)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    checks.int_at_least("num_steps", num_steps, 1)
     size = cfg.window_size
     if size > num_steps:
         raise ValueError(f"window_size: expected at most T = {num_steps} steps, got {size}")
@@ -81,9 +80,7 @@ def window_steps(num_steps: int, config: ConfigLike = None, *, generator: torch.
     if p is None:
         raise ValueError("progress: window_schedule='progressive' needs the training progress "
                          "(step / max steps) in [0, 1]; pass progress= or set config.progress, got None")
-    p = checks.finite_number("progress", p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"progress: expected a value in [0, 1], got {p}")
+    p = checks.unit_interval("progress", p)
     start = lo + min(int(p * positions), positions - 1)
     return start, start + size
 

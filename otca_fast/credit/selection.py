@@ -68,9 +68,7 @@ def select_timesteps(w: torch.Tensor, fraction: float, *, mode: str = "importanc
     if bool((w < 0).any()):
         n, t = (int(i) for i in (w < 0).nonzero()[0])
         raise ValueError(f"w: expected non-negative credit, got {float(w[n, t])} at [{n}, {t}]")
-    frac = checks.finite_number("fraction", fraction)
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"fraction: expected a value in (0, 1], got {fraction!r}")
+    frac = checks.fraction("fraction", fraction)
     checks.choice("mode", mode, ("importance", "topk"))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")

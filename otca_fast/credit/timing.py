@@ -65,9 +65,8 @@ def objective_timing_credit(step_rewards: torch.Tensor, *, eps: float = 1e-3,
 
 def evaluation_states(num_steps: int, every: int) -> list[int]:
     """States at which the trainer scores the cheap rewards on x̂0: 0, every, 2·every, …, and T."""
-    for name, value, minimum in (("num_steps", num_steps, 1), ("every", every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    checks.int_at_least("num_steps", num_steps, 1)
+    checks.int_at_least("every", every, 1)
     states = list(range(0, num_steps, every))
     return states + [num_steps]
 
@@ -82,8 +81,7 @@ def interpolate_step_rewards(values: torch.Tensor, states: Sequence[int] | torch
     checks.float_tensor("values", values, dim=3)
     checks.raise_if_not_finite("values", values)
     st = torch.as_tensor(states, dtype=torch.long).flatten().cpu()
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    checks.int_at_least("num_steps", num_steps, 1)
     if st.numel() != values.shape[1]:
         raise ValueError(f"states: expected {values.shape[1]} states (one per column of values), got "
                          f"{st.numel()}")

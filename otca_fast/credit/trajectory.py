@@ -44,8 +44,7 @@ def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: to
                          f"{tuple(latents.shape)}")
     state_shape = tuple(latents.shape[2:])
     checks.choice("source", source, ("latent", "x0_pred"))
-    if not isinstance(per_frame, bool):
-        raise TypeError(f"per_frame: expected a bool, got {per_frame!r}")
+    checks.boolean("per_frame", per_frame)
     if per_frame:
         if isinstance(frame_dim, bool) or not isinstance(frame_dim, int):
             raise TypeError(f"frame_dim: expected an int, got {frame_dim!r}")
@@ -136,8 +135,7 @@ def coca_suffix_credit(cosines: torch.Tensor, *, window: int = 1) -> torch.Tenso
     checks.float_tensor("cosines", cosines, dim=2)
     n, t_plus_1 = cosines.shape
     steps = t_plus_1 - 1
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"coca_window: expected an int >= 1, got {window!r}")
+    checks.int_at_least("coca_window", window, 1)
     if steps % window != 0:
         raise ValueError(f"coca_window: expected a divisor of T = {steps} (CoCA averages whole windows), "
                          f"got {window}")

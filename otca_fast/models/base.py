@@ -1,4 +1,5 @@
-"""The backbone interface the trainer drives, the prompt-embedding container and the family registry.
+"""The backbone interface the trainer drives and the family registry (the prompt-embedding container,
+:class:`PromptEmbeds`, lives in :mod:`otca_fast.models.embeds` and is re-exported here).
 
 A backbone is a thin adapter over diffusers modules that speaks one convention whatever the model:
 
@@ -19,12 +20,14 @@ import abc
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from otca_fast import checks
+from otca_fast.devices import as_dtype, resolve_device
+from otca_fast.models.embeds import PromptEmbeds
 from otca_fast.models.text import PromptCache
 
 __all__ = [
@@ -34,85 +37,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# prompt embeddings
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class PromptEmbeds:
-    """Batched text conditioning: whatever the transformer needs, keyed by its forward argument name.
-
-    Every tensor has the batch on dim 0 (e.g. ``encoder_hidden_states`` ``[B, L, D]``,
-    ``pooled_projections`` ``[B, P]``). Indexing and concatenation act on that dim, so a group of G
-    samples of one prompt is ``embeds.index([i] * G)``.
-    """
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.tensors, dict) or not self.tensors:
-            raise ValueError(f"tensors: expected a non-empty dict name -> tensor, got {self.tensors!r}")
-        sizes = {}
-        for name, t in self.tensors.items():
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(t).__name__}")
-            if t.dim() < 1:
-                raise ValueError(f"tensors[{name!r}]: expected a batch dimension, got a 0-d tensor")
-            sizes[name] = t.shape[0]
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"tensors: every tensor needs the same batch size on dim 0, got {sizes}")
-
-    @property
-    def batch_size(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def __len__(self) -> int:
-        return self.batch_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.tensors.values())).device
-
-    def index(self, idx: int | slice | Sequence[int] | torch.Tensor) -> PromptEmbeds:
-        """Rows ``idx`` of every tensor (an int keeps a batch of one)."""
-        if isinstance(idx, bool):
-            raise TypeError("idx: expected an int, slice, sequence of ints or index tensor, got bool")
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1) if idx != -1 else slice(-1, None)
-        elif not isinstance(idx, (slice, torch.Tensor)):
-            idx = torch.as_tensor(list(idx), dtype=torch.long)
-        if isinstance(idx, torch.Tensor):
-            if idx.dtype == torch.bool or idx.dtype.is_floating_point:
-                raise TypeError(f"idx: expected integer indices, got dtype {idx.dtype}")
-            if idx.numel() and (int(idx.max()) >= self.batch_size or int(idx.min()) < -self.batch_size):
-                raise IndexError(f"idx: indices must lie in [-{self.batch_size}, {self.batch_size}), got "
-                                 f"[{int(idx.min())}, {int(idx.max())}]")
-        out = {}
-        for k, t in self.tensors.items():
-            out[k] = t[idx.to(t.device)] if isinstance(idx, torch.Tensor) else t[idx]
-        return PromptEmbeds(out)
-
-    @staticmethod
-    def cat(items: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        """Concatenate along the batch; all items must carry the same tensor names."""
-        items = list(items)
-        if not items:
-            raise ValueError("items: expected at least one PromptEmbeds, got an empty sequence")
-        for i, e in enumerate(items):
-            if not isinstance(e, PromptEmbeds):
-                raise TypeError(f"items[{i}]: expected PromptEmbeds, got {type(e).__name__}")
-        keys = set(items[0].tensors)
-        for i, e in enumerate(items[1:], 1):
-            if set(e.tensors) != keys:
-                raise ValueError(f"items[{i}]: expected tensors {sorted(keys)}, got {sorted(e.tensors)}")
-        return PromptEmbeds({k: torch.cat([e.tensors[k] for e in items], dim=0) for k in items[0].tensors})
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        """A copy on ``device`` and/or in floating ``dtype`` (integer tensors keep their dtype)."""
-        return PromptEmbeds({k: t.to(device=device, dtype=dtype if t.dtype.is_floating_point else None)
-                             for k, t in self.tensors.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,50 +204,6 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     if fallback is None:
         raise ValueError(f"transformer: {type(module).__name__} has no floating parameters")
     return fallback
-
-
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}
-
-
-def as_dtype(name: str, value: torch.dtype | str) -> torch.dtype:
-    """A floating torch dtype from a dtype or its YAML spelling ("float32", "bf16", ...)."""
-    if isinstance(value, str) and value.strip().lower() in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value.strip().lower()]
-    if isinstance(value, torch.dtype) and value.is_floating_point:
-        return value
-    raise TypeError(f"{name}: expected a floating torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
-
-
-def merge_tiny(defaults: dict[str, Any], tiny: bool | dict | None, *, family: str) -> dict[str, Any]:
-    """The tiny build spec: ``defaults`` with ``tiny``'s overrides (one level deep for dict entries)."""
-    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
-    if tiny is True:
-        return spec
-    if not isinstance(tiny, dict):
-        raise TypeError(f"tiny: expected true or a dict of overrides, got {tiny!r}")
-    for key, value in tiny.items():
-        if key not in spec:
-            raise ValueError(f"tiny: unknown key {key!r} for family {family!r}; expected some of {sorted(spec)}")
-        if isinstance(spec[key], dict):
-            if not isinstance(value, dict):
-                raise TypeError(f"tiny.{key}: expected a dict of config overrides, got {type(value).__name__}")
-            spec[key].update(value)
-        else:
-            spec[key] = value
-    return spec
-
-
-def check_build_source(family: str, path: Any, tiny: Any) -> None:
-    """Exactly one of ``path`` (a checkpoint) and ``tiny`` (random weights) must be given."""
-    has_tiny = tiny not in (None, False)
-    if path is not None and has_tiny:
-        raise ValueError(f"{family}: give either path (a local checkpoint) or tiny (random weights), not both "
-                         f"(got path={str(path)!r} and tiny={tiny!r})")
-    if path is None and not has_tiny:
-        from otca_fast.models.loading import layout_for
-        raise ValueError(f"{family}: give path= (a local diffusers directory) or tiny=True (random weights for "
-                         f"tests).\n{layout_for(family).describe('<dir>')}")
 
 
 class DiffusersBackbone(Backbone):
@@ -535,7 +415,8 @@ def build_backbone(family: str, *, path: str | None = None, tiny: dict | bool | 
 
     ``tiny=True`` (or a dict of per-component config overrides) builds the same diffusers classes
     with small random weights, for tests. ``path`` must be a local directory unless
-    ``allow_download`` (then a Hub repo id works too). ``options`` are family-specific (see each
+    ``allow_download`` (then a Hub repo id works too). ``device`` is a torch device or ``"auto"``
+    (CUDA when available, else the CPU), as ``run.device``. ``options`` are family-specific (see each
     ``build_*`` factory and docs/models.md).
     """
     if not isinstance(family, str):
@@ -545,12 +426,7 @@ def build_backbone(family: str, *, path: str | None = None, tiny: dict | bool | 
         raise TypeError(f"allow_download: expected a bool, got {type(allow_download).__name__}")
     if tiny is not None and not isinstance(tiny, (bool, dict)):
         raise TypeError(f"tiny: expected a bool or a dict of overrides, got {type(tiny).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} requested but CUDA is not available on this machine")
+    device = resolve_device(device, what="device")
     factory = _factory_for(family.strip().lower())
     backbone = factory(path=path, tiny=tiny, allow_download=allow_download, dtype=dtype, device=device,
                        attention_backend=attention_backend, **options)
@@ -587,8 +463,7 @@ class ImageBackbone(DiffusersBackbone):
     def _check_image_size(self, height: int, width: int) -> int:
         multiple = self.pipe.vae_scale_factor * self._patch_multiple()
         for name, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            checks.positive_int(name, v)
             if v % multiple:
                 raise ValueError(f"{name}: {self.family} needs a multiple of {multiple} (VAE "
                                  f"{self.pipe.vae_scale_factor}x times patch {self._patch_multiple()}), got {v}")
@@ -602,8 +477,7 @@ class ImageBackbone(DiffusersBackbone):
         """Run the family's ``FlowMatchEulerDiscreteScheduler.set_timesteps`` as its pipeline does."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        checks.positive_int("num_steps", num_steps)
         cfg = self.scheduler.config
         kwargs: dict[str, Any] = {}
         if cfg.get("use_dynamic_shifting", False):

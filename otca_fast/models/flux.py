@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
 from otca_fast.models.base import (
     ImageBackbone,
-    PromptEmbeds,
     cast_like_pretrained,
     module_dtype,
     set_attention_backend,
 )
+from otca_fast.models.embeds import PromptEmbeds
 from otca_fast.models.loading import (
     load_image_pipeline,
 )
@@ -68,8 +69,7 @@ class FluxBackbone(ImageBackbone):
         self.pipe = pipe
         self.transformer = pipe.transformer
         for name, v in (("max_sequence_length", max_sequence_length), ("decode_batch_size", decode_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            checks.positive_int(name, v)
         if max_sequence_length > 512:
             raise ValueError(f"max_sequence_length: FLUX takes at most 512 T5 tokens, got {max_sequence_length}")
         self.max_sequence_length = max_sequence_length
@@ -115,8 +115,7 @@ class FluxBackbone(ImageBackbone):
         ``height``/``width``, else the last ``latent_shape`` call, else 1024²."""
         import numpy as np
 
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps: expected a positive int, got {num_steps!r}")
+        checks.positive_int("num_steps", num_steps)
         h, w = self._schedule_resolution(height, width)
         seq_len = (h // (2 * self.pipe.vae_scale_factor)) * (w // (2 * self.pipe.vae_scale_factor))
         grid = None if self.scheduler.config.get("use_flow_sigmas", False) else \

@@ -3,7 +3,9 @@
 Nothing is downloaded at run time unless ``model.allow_download: true``. Before any
 ``from_pretrained`` the directory is checked against the family's expected layout, and a wrong or
 incomplete path gets one ``ValueError`` that lists what is missing, the layout expected and the
-command that fetches the checkpoint.
+command that fetches the checkpoint. The build-source helpers every family shares live here too:
+:func:`check_build_source` (a checkpoint path or a tiny build, exactly one) and :func:`merge_tiny`
+(the tiny build spec).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from typing import Any
 
 import torch
 
+from otca_fast.devices import as_dtype
+
 __all__ = ["CheckpointLayout", "LAYOUTS", "layout_for", "check_checkpoint_dir", "resolve_checkpoint",
-           "from_pretrained_kwargs", "pipeline_dtype_kwargs"]
+           "from_pretrained_kwargs", "pipeline_dtype_kwargs", "check_build_source", "merge_tiny"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json", "vocab.txt")
@@ -217,6 +221,36 @@ def pipeline_dtype_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 
+def merge_tiny(defaults: dict[str, Any], tiny: bool | dict | None, *, family: str) -> dict[str, Any]:
+    """The tiny build spec: ``defaults`` with ``tiny``'s overrides (one level deep for dict entries)."""
+    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    if tiny is True:
+        return spec
+    if not isinstance(tiny, dict):
+        raise TypeError(f"tiny: expected true or a dict of overrides, got {tiny!r}")
+    for key, value in tiny.items():
+        if key not in spec:
+            raise ValueError(f"tiny: unknown key {key!r} for family {family!r}; expected some of {sorted(spec)}")
+        if isinstance(spec[key], dict):
+            if not isinstance(value, dict):
+                raise TypeError(f"tiny.{key}: expected a dict of config overrides, got {type(value).__name__}")
+            spec[key].update(value)
+        else:
+            spec[key] = value
+    return spec
+
+
+def check_build_source(family: str, path: Any, tiny: Any) -> None:
+    """Exactly one of ``path`` (a checkpoint) and ``tiny`` (random weights) must be given."""
+    has_tiny = tiny not in (None, False)
+    if path is not None and has_tiny:
+        raise ValueError(f"{family}: give either path (a local checkpoint) or tiny (random weights), not both "
+                         f"(got path={str(path)!r} and tiny={tiny!r})")
+    if path is None and not has_tiny:
+        raise ValueError(f"{family}: give path= (a local diffusers directory) or tiny=True (random weights for "
+                         f"tests).\n{layout_for(family).describe('<dir>')}")
+
+
 def load_image_pipeline(family: str, pipeline_class: str, *, path: str | None, tiny: dict | bool | None,
                         allow_download: bool, dtype: torch.dtype, vae_dtype: torch.dtype | str,
                         device: str | torch.device, tiny_defaults: dict[str, Any], tiny_pipe: Callable[..., Any],
@@ -226,8 +260,6 @@ def load_image_pipeline(family: str, pipeline_class: str, *, path: str | None, t
     Returns ``(pipe on device, max_sequence_length, device)``. The VAE is loaded in
     ``vae_dtype`` (float32 by default: decoding in bf16 visibly bands), the rest in ``dtype``.
     """
-    from otca_fast.models.base import as_dtype, check_build_source, merge_tiny
-
     check_build_source(family, path, tiny)
     vae_dtype = as_dtype("vae_dtype", vae_dtype)
     device = torch.device(device)

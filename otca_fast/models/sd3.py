@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
 from otca_fast.models.base import (
     ImageBackbone,
-    PromptEmbeds,
     cast_like_pretrained,
     module_dtype,
     set_attention_backend,
 )
+from otca_fast.models.embeds import PromptEmbeds
 from otca_fast.models.loading import (
     load_image_pipeline,
 )
@@ -138,8 +139,7 @@ class SD3Backbone(ImageBackbone):
         self.pipe = pipe
         self.transformer = pipe.transformer
         for name, v in (("max_sequence_length", max_sequence_length), ("decode_batch_size", decode_batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+            checks.positive_int(name, v)
         self.max_sequence_length = max_sequence_length
         self.decode_batch_size = decode_batch_size
         config = dict(pipe.scheduler.config)

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from otca_fast import checks
+from otca_fast.models.embeds import PromptEmbeds
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedTokenizerFast
-
-    from otca_fast.models.base import PromptEmbeds
 
 __all__ = ["byte_tokenizer", "tiny_umt5", "tiny_t5", "tiny_clip", "PromptCache", "BYTE_SPECIALS"]
 
@@ -38,8 +39,7 @@ def byte_tokenizer(*, style: str = "t5", model_max_length: int = 512) -> PreTrai
 
     if style not in ("t5", "clip"):
         raise ValueError(f"style: expected 't5' or 'clip', got {style!r}")
-    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 2:
-        raise ValueError(f"model_max_length: expected an int >= 2, got {model_max_length!r}")
+    checks.int_at_least("model_max_length", model_max_length, 2)
     vocab = dict(BYTE_SPECIALS)
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
@@ -128,8 +128,6 @@ class PromptCache:
         return sum(t.numel() * t.element_size() for row in self._rows.values() for t in row.values())
 
     def get(self, prompts: list[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]) -> PromptEmbeds:
-        from otca_fast.models.base import PromptEmbeds
-
         missing = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)

@@ -18,17 +18,17 @@ from typing import Any
 
 import torch
 
-from otca_fast.models.base import (
-    DiffusersBackbone,
-    PromptEmbeds,
-    as_dtype,
-    cast_like_pretrained,
+from otca_fast import checks
+from otca_fast.devices import as_dtype
+from otca_fast.models.base import DiffusersBackbone, cast_like_pretrained, module_dtype, set_attention_backend
+from otca_fast.models.embeds import PromptEmbeds
+from otca_fast.models.loading import (
     check_build_source,
+    from_pretrained_kwargs,
     merge_tiny,
-    module_dtype,
-    set_attention_backend,
+    pipeline_dtype_kwargs,
+    resolve_checkpoint,
 )
-from otca_fast.models.loading import from_pretrained_kwargs, pipeline_dtype_kwargs, resolve_checkpoint
 from otca_fast.models.text import byte_tokenizer, tiny_umt5
 
 __all__ = ["WanBackbone", "WanExperts", "build_wan21", "build_wan22", "wan21_1_3b_config", "TINY_WAN"]
@@ -157,8 +157,8 @@ class WanBackbone(DiffusersBackbone):
         super().__init__(device=device, dtype=dtype, cache_device=cache_device, allow_download=allow_download)
         self.family = family
         self.pipe = pipe
-        _check_positive_int("max_sequence_length", max_sequence_length)
-        _check_positive_int("decode_batch_size", decode_batch_size)
+        checks.positive_int("max_sequence_length", max_sequence_length)
+        checks.positive_int("decode_batch_size", decode_batch_size)
         self.max_sequence_length = max_sequence_length
         self.decode_batch_size = decode_batch_size
         self.expand_timesteps = bool(pipe.config.get("expand_timesteps", False))
@@ -224,7 +224,7 @@ class WanBackbone(DiffusersBackbone):
         ts, ss = self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial
         ph, pw = self.high.config.patch_size[1:]
         for name, v in (("height", height), ("width", width), ("num_frames", num_frames)):
-            _check_positive_int(name, v)
+            checks.positive_int(name, v)
         if (num_frames - 1) % ts:
             raise ValueError(f"num_frames: Wan needs {ts}k+1 frames (the VAE compresses time {ts}x), got {num_frames}")
         for name, v, p in (("height", height, ph), ("width", width, pw)):
@@ -233,7 +233,7 @@ class WanBackbone(DiffusersBackbone):
         return (self.pipe.vae.config.z_dim, (num_frames - 1) // ts + 1, height // ss, width // ss)
 
     def sigmas(self, num_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
-        _check_positive_int("num_steps", num_steps)
+        checks.positive_int("num_steps", num_steps)
         self.scheduler.set_timesteps(num_steps, device="cpu")
         return self.scheduler.sigmas.to(device=device or self.device, dtype=torch.float32)
 
@@ -312,11 +312,6 @@ class WanBackbone(DiffusersBackbone):
             video = vae.decode(chunk.to(vae_device, vae_dtype) * std + mean, return_dict=False)[0]
             frames.append(self.pipe.video_processor.postprocess_video(video, output_type="pt").float())
         return torch.cat(frames).to(latents.device)
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Any
 
+from otca_fast import checks
+
 __all__ = ["HttpClient", "ServerUnavailable", "bearer_token"]
 
 
@@ -38,8 +40,7 @@ class HttpClient:
                  what: str) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"{what}: timeout_s: expected a number of seconds > 0, got {timeout_s!r}")
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"{what}: retries: expected an int >= 0, got {retries!r}")
+        checks.int_at_least(f"{what}: retries", retries, 0)
         if isinstance(retry_backoff_s, bool) or not isinstance(retry_backoff_s, (int, float)) or retry_backoff_s < 0:
             raise ValueError(f"{what}: retry_backoff_s: expected a number of seconds >= 0, got {retry_backoff_s!r}")
         self.timeout_s, self.retries, self.retry_backoff_s = float(timeout_s), retries, float(retry_backoff_s)

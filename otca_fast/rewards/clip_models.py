@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otca_fast.devices import DTYPES
 from otca_fast.rewards._image import check_option, frame_index
 from otca_fast.rewards.registry import RewardFn, check_frames, register_reward
 
@@ -44,7 +45,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 _CLIP_VOCAB = 49408
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TEXT_CACHE_MAX = 4096
 
 
@@ -95,11 +95,11 @@ def clip_tokenizer():
 
 
 def _resolve_dtype(dtype: str | torch.dtype, reward: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"reward {reward!r}: option dtype: expected one of {list(_DTYPES)}, got {dtype!r}")
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"reward {reward!r}: option dtype: expected one of {list(DTYPES)}, got {dtype!r}")
 
 
 def _check_model_dir(path: object, reward: str, option: str = "path") -> Path:

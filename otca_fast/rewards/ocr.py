@@ -17,6 +17,7 @@ import re
 import numpy as np
 import torch
 
+from otca_fast import checks
 from otca_fast.rewards._image import check_option, to_uint8
 from otca_fast.rewards.registry import RewardFn, check_frames, register_reward
 
@@ -89,8 +90,7 @@ def ocr(*, frame_stride: int = 4, reduce: str = "mean", text_score: float = 0.5)
     """
     check_option(frame_stride, "frame_stride", kind=int, lo=1, reward="ocr")
     check_option(text_score, "text_score", kind=(int, float), lo=0.0, hi=1.0, reward="ocr")
-    if reduce not in _REDUCE:
-        raise ValueError(f"reward 'ocr': option reduce: expected one of {list(_REDUCE)}, got {reduce!r}")
+    checks.choice("reward 'ocr': option reduce", reduce, list(_REDUCE))
     engine = _load_engine(float(text_score))
 
     def read(frame_rgb: np.ndarray) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from otca_fast import checks
 from otca_fast.rewards._image import check_option, per_frame, to_uint8
 from otca_fast.rewards.registry import RewardFn, check_frames, register_reward
 
@@ -75,8 +76,7 @@ def laplacian_variance(frame: np.ndarray) -> float:
 
 def _jpeg_factory(name: str, sign: float, quality: int, unit: str) -> RewardFn:
     check_option(quality, "quality", kind=int, lo=1, hi=100, reward=name)
-    if unit not in _JPEG_UNITS:
-        raise ValueError(f"reward {name!r}: option unit: expected one of {list(_JPEG_UNITS)}, got {unit!r}")
+    checks.choice(f"reward {name!r}: option unit", unit, list(_JPEG_UNITS))
 
     def fn(frames: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_frames(frames, prompts)

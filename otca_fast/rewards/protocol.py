@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
+
 __all__ = ["PROTOCOL", "CONTENT_TYPE", "FRAME_DTYPES", "ProtocolError", "ScoreRequest", "encode_request",
            "decode_request", "encode_result", "encode_failure", "decode_result", "slice_result"]
 
@@ -68,8 +70,7 @@ def encode_request(frames: torch.Tensor, prompts: Sequence[str], rewards: Sequen
 
     from otca_fast.rewards._image import quantize
 
-    if frames_dtype not in FRAME_DTYPES:
-        raise ValueError(f"frames_dtype: expected one of {list(FRAME_DTYPES)}, got {frames_dtype!r}")
+    checks.choice("frames_dtype", frames_dtype, list(FRAME_DTYPES))
     if frames_dtype == "uint8":
         wire = quantize(frames)
     else:

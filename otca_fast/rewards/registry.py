@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from otca_fast import checks
+
 __all__ = [
     "ROLES", "Reward", "RewardCallError", "RewardError", "RewardFn", "register_reward", "register_metric",
     "build_reward", "list_rewards", "list_metrics", "score_rewards", "score_metrics", "check_frames",
@@ -128,8 +130,7 @@ _REGISTRY: dict[str, _Entry] = {}
 
 
 def _check_role(role: object, what: str) -> None:
-    if role not in ROLES:
-        raise ValueError(f"{what}: expected one of {list(ROLES)}, got {role!r}")
+    checks.choice(what, role, list(ROLES))
 
 
 def register_reward(name: str, *, role: str, cheap: bool) -> Callable[[Callable[..., RewardFn]],
@@ -258,8 +259,7 @@ def build_reward(name_or_dotted_path: str, **options: Any) -> Reward:
     if headline is not None and (not isinstance(headline, str) or not headline):
         raise TypeError(f"build_reward({name!r}): headline: expected the name of a part, got {headline!r}")
     _check_role(role, f"build_reward({name!r}): role")
-    if not isinstance(cheap, bool):
-        raise TypeError(f"build_reward({name!r}): cheap: expected a bool, got {cheap!r}")
+    checks.boolean(f"build_reward({name!r}): cheap", cheap)
     target = _import_dotted(name)
     if inspect.isclass(target):
         _check_options(target, f"build_reward({name!r})", **options)

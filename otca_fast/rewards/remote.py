@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
 from otca_fast.rewards._http import HttpClient, ServerUnavailable, bearer_token, describe
 from otca_fast.rewards.protocol import (
     CONTENT_TYPE,
@@ -145,8 +146,7 @@ def remote(*, url: str, reward: str, timeout_s: float = 300.0, retries: int = 3,
     """
     if not isinstance(reward, str) or not reward:
         raise TypeError(f"remote: reward: expected the name of a reward the server serves, got {reward!r}")
-    if frames_dtype not in FRAME_DTYPES:
-        raise ValueError(f"remote: frames_dtype: expected one of {list(FRAME_DTYPES)}, got {frames_dtype!r}")
+    checks.choice("remote: frames_dtype", frames_dtype, list(FRAME_DTYPES))
     if role is not None and role not in ROLES:
         raise ValueError(f"remote: role: expected one of {list(ROLES)} or None (the server's), got {role!r}")
     if cheap is not None and not isinstance(cheap, bool):

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
+from otca_fast.devices import resolve_device
 from otca_fast.rewards.protocol import (
     CONTENT_TYPE,
     PROTOCOL,
@@ -153,8 +155,7 @@ class RewardServer:
             raise ValueError("rewards: expected at least one reward to serve")
         for name, value in (("max_request_bytes", max_request_bytes), ("max_batch", max_batch),
                             ("max_pending", max_pending)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            checks.int_at_least(name, value, 1)
         if not batch_window_s >= 0:
             raise ValueError(f"batch_window_s: expected seconds >= 0, got {batch_window_s!r}")
         self.rewards = dict(rewards)
@@ -479,18 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name!r} but no CUDA device is available")
-    return device
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -509,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--reward: expected at least one reward to serve (e.g. --reward clip_score)")
         if not args.max_request_mb > 0:
             raise ValueError(f"--max-request-mb: expected > 0, got {args.max_request_mb}")
-        device = _device(args.device)
+        device = resolve_device(args.device, what="--device")
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads: expected >= 1, got {args.threads}")

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from otca_fast import checks
 from otca_fast.rewards._http import HttpClient, ServerUnavailable, bearer_token, describe
 from otca_fast.rewards._image import check_option, frame_index, quantize
 from otca_fast.rewards.registry import ROLES, Reward, RewardCallError, check_frames, register_reward
@@ -194,8 +195,7 @@ def vlm_judge(*, url: str, model: str | None = None, question: str | None = None
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ValueError(f"vlm_judge: url: expected the API root 'http://host:port/v1', got {url!r}")
     url = url.rstrip("/")
-    if score not in DEFAULT_QUESTIONS:
-        raise ValueError(f"vlm_judge: score: expected one of {list(DEFAULT_QUESTIONS)}, got {score!r}")
+    checks.choice("vlm_judge: score", score, list(DEFAULT_QUESTIONS))
     question = DEFAULT_QUESTIONS[score] if question is None else question
     if not isinstance(question, str) or not question.strip():
         raise TypeError(f"vlm_judge: question: expected a non-empty template str, got {question!r}")
@@ -223,10 +223,8 @@ def vlm_judge(*, url: str, model: str | None = None, question: str | None = None
     check_option(concurrency, "concurrency", kind=int, lo=1, reward=name)
     if extra_body is not None and not isinstance(extra_body, Mapping):
         raise TypeError(f"vlm_judge: extra_body: expected a mapping merged into each request, got {extra_body!r}")
-    if role not in ROLES:
-        raise ValueError(f"vlm_judge: role: expected one of {list(ROLES)}, got {role!r}")
-    if not isinstance(cheap, bool):
-        raise TypeError(f"vlm_judge: cheap: expected a bool, got {cheap!r}")
+    checks.choice("vlm_judge: role", role, list(ROLES))
+    checks.boolean("vlm_judge: cheap", cheap)
     http = HttpClient(timeout_s=timeout_s, retries=retries, retry_backoff_s=retry_backoff_s,
                       token=bearer_token(api_key_env, "vlm_judge: api_key_env"), what=name)
     if check:

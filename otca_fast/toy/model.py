@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import UMT5EncoderModel
 
-from otca_fast import ops
+from otca_fast import checks, ops
 from otca_fast.models.base import DiffusersBackbone, PromptEmbeds, set_attention_backend
 from otca_fast.toy.text import (
     DEFAULT_TEXT_ENCODER,
@@ -140,8 +140,7 @@ class ShapesModel(torch.nn.Module):
                              f"text encoder's vocab_size {text_encoder.config.vocab_size}")
         if shift <= 0:
             raise ValueError(f"shift: expected > 0, got {shift}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
+        checks.choice("prediction", prediction, list(PREDICTIONS))
         width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         patch_values = 3 * math.prod(transformer.config.patch_size)
         if prediction == "velocity" and width < patch_values:

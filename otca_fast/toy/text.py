@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import UMT5Config, UMT5EncoderModel
 
+from otca_fast import checks
 from otca_fast.toy.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES
 
 __all__ = ["PAD_TOKEN", "EOS_TOKEN", "grammar_words", "build_tokenizer", "load_tokenizer",
@@ -68,8 +69,7 @@ def load_tokenizer(json_text: str) -> Tokenizer:
 
 def build_text_encoder(vocab_size: int, **overrides) -> UMT5EncoderModel:
     """A randomly initialised encoder of :data:`DEFAULT_TEXT_ENCODER` (``overrides`` replace fields)."""
-    if not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size: expected an int >= 2, got {vocab_size!r}")
+    checks.int_at_least("vocab_size", vocab_size, 2)
     fields = {**DEFAULT_TEXT_ENCODER, **overrides}
     config = UMT5Config(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                         is_encoder_decoder=False, use_cache=False, **fields)

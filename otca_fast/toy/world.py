@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from otca_fast import checks
+
 __all__ = [
     "COLOURS", "SHAPES", "DIRECTIONS", "BACKGROUNDS", "PLAIN_BACKGROUNDS", "SHAPE_AREA",
     "ClipSpec", "WorldConfig", "Clips", "make_prompt", "parse_prompt", "all_specs", "split_specs",
@@ -87,9 +89,7 @@ class ClipSpec:
     def __post_init__(self) -> None:
         for field, allowed in (("colour", tuple(COLOURS)), ("shape", SHAPES),
                                ("direction", tuple(DIRECTIONS)), ("background", BACKGROUNDS)):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"ClipSpec.{field}: expected one of {list(allowed)}, got {value!r}")
+            checks.choice(f"ClipSpec.{field}", getattr(self, field), list(allowed))
 
     @property
     def prompt(self) -> str:
