@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_NONE, MODE_NORM_SUM, MODE_SUM_NORM, MODE_CREDIT = 0, 1, 2, 3
-C_UNIFORM, C_GIVEN, C_MOCA = 0, 1, 2
+from otca_fast.kernels.layout import C_GIVEN, C_MOCA, C_UNIFORM, MODE_CREDIT, MODE_NONE, MODE_NORM_SUM, MODE_SUM_NORM
+
 # the same numbers as compile-time constants for use inside the kernels
 _MODE_NONE = tl.constexpr(MODE_NONE)
 _MODE_NORM_SUM = tl.constexpr(MODE_NORM_SUM)

@@ -24,11 +24,13 @@ import triton
 import triton.language as tl
 
 from otca_fast.kernels import sde_step
+from otca_fast.kernels.layout import APPROX_KL, BETA, C1, C2, GAMMA, GRPO_TABLE_ROWS, KL, LOG_PROB, RATIO, ROW_LOSS
 from otca_fast.kernels.sde_step import last_tile_of_row, row_logprob, row_sum, tile_partials
 
-# rows of the [7, B] float32 output table
-LOG_PROB, ROW_LOSS, RATIO, APPROX_KL, KL, C1, C2 = range(7)
-_BETA, _GAMMA = tl.constexpr(1), tl.constexpr(3)
+# the rows of the coefficient table it reads and of the [7, B] float32 table it writes (kernels/layout.py)
+_BETA, _GAMMA = tl.constexpr(BETA), tl.constexpr(GAMMA)
+_LOG_PROB, _ROW_LOSS, _RATIO, _APPROX_KL, _KL, _C1, _C2 = (
+    tl.constexpr(i) for i in (LOG_PROB, ROW_LOSS, RATIO, APPROX_KL, KL, C1, C2))
 
 
 @triton.jit
@@ -56,25 +58,26 @@ def _grpo_forward_kernel(x_ptr, v_ptr, xp_ptr, vref_ptr, coef_ptr, old_ptr, adv_
         if HAS_REF:
             kl = gamma * beta * beta * row_sum(partial_ptr + B * tiles_per_row, row, tiles_per_row, BLOCK_T) / D
             row_loss += kl_beta * kl
-            tl.store(out_ptr + 6 * B + row, kl_beta * 2.0 * gamma * beta * beta / D)
-        tl.store(out_ptr + 0 * B + row, logp)
-        tl.store(out_ptr + 1 * B + row, row_loss)
-        tl.store(out_ptr + 2 * B + row, ratio)
-        tl.store(out_ptr + 3 * B + row, 0.5 * (logp - old) * (logp - old))
-        tl.store(out_ptr + 4 * B + row, kl)
-        tl.store(out_ptr + 5 * B + row, dloss_dlogp * 2.0 * gamma * beta / D)
+            tl.store(out_ptr + _C2 * B + row, kl_beta * 2.0 * gamma * beta * beta / D)
+        tl.store(out_ptr + _LOG_PROB * B + row, logp)
+        tl.store(out_ptr + _ROW_LOSS * B + row, row_loss)
+        tl.store(out_ptr + _RATIO * B + row, ratio)
+        tl.store(out_ptr + _APPROX_KL * B + row, 0.5 * (logp - old) * (logp - old))
+        tl.store(out_ptr + _KL * B + row, kl)
+        tl.store(out_ptr + _C1 * B + row, dloss_dlogp * 2.0 * gamma * beta / D)
         tl.store(clipped_ptr + row, (tl.abs(ratio - 1.0) > clip_range).to(tl.int8))
         tl.store(counter_ptr + row, 0)
 
 
 def grpo_forward(x: torch.Tensor, v: torch.Tensor, xp: torch.Tensor, vref: torch.Tensor | None, coef: torch.Tensor,
                  old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float, kl_beta: float):
-    """One launch. Returns ``(table [7, B] float32, clipped [B] bool)``; table rows are LOG_PROB ... C2."""
+    """One launch. Returns ``(table [7, B] float32, clipped [B] bool)``; table rows are LOG_PROB ... C2
+    (``kernels/layout.py``)."""
     b, d = x.shape
     block = sde_step.block_size(d)
     tiles = triton.cdiv(d, block)
     partials = torch.empty((2 if vref is not None else 1) * b * tiles, dtype=torch.float32, device=x.device)
-    table = torch.empty(7, b, dtype=torch.float32, device=x.device)
+    table = torch.empty(GRPO_TABLE_ROWS, b, dtype=torch.float32, device=x.device)
     clipped = torch.empty(b, dtype=torch.int8, device=x.device)
     _grpo_forward_kernel[(b * tiles,)](
         x, v, xp, vref if vref is not None else x, coef, old_log_prob, advantages, partials,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from otca_fast.kernels.layout import ALPHA, BETA, CONST, GAMMA, STD
+
 # Largest tile (elements per program). 4096 elements x 3 inputs keeps every SM busy with 16-byte
 # loads at the sizes we target; tests lower it to force many tiles and ragged edges.
 MAX_BLOCK = 4096
@@ -40,8 +42,7 @@ def block_size(d: int) -> int:
 
 
 # rows of the per-sample coefficient table ``coef [5, B]`` (see ``otca_fast.ops``)
-ALPHA, BETA, STD, GAMMA, CONST = 0, 1, 2, 3, 4
-_ALPHA, _BETA, _STD, _GAMMA, _CONST = (tl.constexpr(i) for i in range(5))
+_ALPHA, _BETA, _STD, _GAMMA, _CONST = (tl.constexpr(i) for i in (ALPHA, BETA, STD, GAMMA, CONST))
 
 
 def num_warps_for(block: int) -> int:

@@ -29,12 +29,13 @@ def float_tensor(name: str, value: Any, *, dim: int | None = None,
 
 
 def raise_if_not_finite(name: str, value: torch.Tensor, what: str = "index") -> None:
-    """A clear error at the first non-finite entry (its full index), nothing when all are finite."""
+    """A clear error at the first non-finite entry (its full index, as a tensor would be indexed: ``1`` or
+    ``(1, 2)``), nothing when all are finite."""
     bad = ~torch.isfinite(value)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{name}: expected finite values, got {float(value[idx])} at {what} "
-                         f"{idx[0] if len(idx) == 1 else list(idx)}")
+                         f"{idx[0] if len(idx) == 1 else idx}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

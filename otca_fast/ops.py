@@ -22,10 +22,13 @@ import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
-from otca_fast import reference
+from otca_fast import checks, reference
+from otca_fast.kernels import layout
 
 __all__ = [
     "sde_step", "sde_step_logprob", "group_advantages", "credit_advantages", "grpo_step_loss",
@@ -91,10 +94,16 @@ def forced_backend(name: str) -> Iterator[None]:
             os.environ["OTCA_FAST_BACKEND"] = old
 
 
-def _kernels():
-    from otca_fast.kernels import advantages, grpo_loss
-    from otca_fast.kernels import sde_step as sde_kernels
-    return sde_kernels, grpo_loss, advantages
+class _KernelModules(NamedTuple):
+    sde_step: ModuleType     # kernels/sde_step.py: the step's forward (sample or log-prob) and backward
+    grpo_loss: ModuleType    # kernels/grpo_loss.py: the fused clipped-surrogate forward
+    advantages: ModuleType   # kernels/advantages.py: group statistics and credit in one launch
+
+
+def _kernels() -> _KernelModules:
+    """The Triton kernel modules, imported on first use (the torch reference backend needs no Triton)."""
+    from otca_fast.kernels import advantages, grpo_loss, sde_step
+    return _KernelModules(sde_step, grpo_loss, advantages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,14 +239,6 @@ def _check_row_vector(name: str, t, batch: int, device: torch.device) -> torch.T
     return t
 
 
-def _raise_if_not_finite(name: str, t: torch.Tensor, what: str = "index") -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        where = idx[0] if len(idx) == 1 else idx
-        raise ValueError(f"{name}: expected finite values, got {float(t[idx])} at {what} {where}")
-
-
 # ---------------------------------------------------------------------------------------------
 # autograd Functions over the Triton kernels
 # ---------------------------------------------------------------------------------------------
@@ -245,37 +246,37 @@ def _raise_if_not_finite(name: str, t: torch.Tensor, what: str = "index") -> Non
 class _StepLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, xp, coef, reduction):
-        log_prob, _, _ = _kernels()[0].step_forward(x, v, coef, xp=xp, reduction=reduction)
+        log_prob, _, _ = _kernels().sde_step.step_forward(x, v, coef, xp=xp, reduction=reduction)
         # ∂logp/∂v = 2γβ(x' − μ)/D  (mean) or 2γβ(x' − μ)  (sum)
-        c1 = coef[3] * coef[1] * (2.0 / x.shape[1] if reduction == "mean" else 2.0)
+        c1 = coef[layout.GAMMA] * coef[layout.BETA] * (2.0 / x.shape[1] if reduction == "mean" else 2.0)
         ctx.save_for_backward(x, v, xp, coef, c1[None])
         return log_prob
 
     @staticmethod
     def backward(ctx, grad_log_prob):
         x, v, xp, coef, c1 = ctx.saved_tensors
-        grad = _kernels()[0].step_backward(x, v, xp, coef, c1, grad_log_prob)
+        grad = _kernels().sde_step.step_backward(x, v, xp, coef, c1, grad_log_prob)
         return None, grad, None, None, None
 
 
 class _GRPOStepLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, xp, vref, old_log_prob, advantages, coef, clip_range, kl_beta):
-        grpo_kernels = _kernels()[1]
-        table, clipped = grpo_kernels.grpo_forward(x, v, xp, vref, coef, old_log_prob, advantages, clip_range,
-                                                   kl_beta)
+        table, clipped = _kernels().grpo_loss.grpo_forward(x, v, xp, vref, coef, old_log_prob, advantages,
+                                                           clip_range, kl_beta)
         ctx.save_for_backward(x, v, xp, vref if vref is not None else x, coef, table)
         ctx.has_ref = vref is not None
-        stats = (table[grpo_kernels.LOG_PROB], table[grpo_kernels.RATIO], clipped, table[grpo_kernels.APPROX_KL],
-                 table[grpo_kernels.KL])
+        stats = (table[layout.LOG_PROB], table[layout.RATIO], clipped, table[layout.APPROX_KL], table[layout.KL])
         ctx.mark_non_differentiable(*stats)
-        return (table[grpo_kernels.ROW_LOSS], *stats)
+        return (table[layout.ROW_LOSS], *stats)
 
     @staticmethod
     def backward(ctx, grad_row_loss, *unused):
         x, v, xp, vref, coef, table = ctx.saved_tensors
-        grad = _kernels()[0].step_backward(x, v, xp, coef, table[5:7] if ctx.has_ref else table[5:6], grad_row_loss,
-                                           vref=vref if ctx.has_ref else None)
+        # the backward's coefficients: c1, and c2 of the KL term when there is a reference
+        c12 = table[layout.C1:layout.C2 + 1] if ctx.has_ref else table[layout.C1:layout.C1 + 1]
+        grad = _kernels().sde_step.step_backward(x, v, xp, coef, c12, grad_row_loss,
+                                                 vref=vref if ctx.has_ref else None)
         return (None, grad) + (None,) * 7
 
 
@@ -315,9 +316,9 @@ def sde_step(sample: torch.Tensor, model_output: torch.Tensor, sigma: SigmaLike,
             prev = (mean + coef.std.view(-1, *([1] * (sample.dim() - 1))) * noise.float()).to(sample.dtype)
             log_prob = reference.logprob_from_mean(prev, mean, coef, "mean")
             return prev, log_prob, mean.to(sample.dtype), coef.std
-        log_prob, prev, mean = _kernels()[0].step_forward(_flat(sample), _flat(model_output), table,
-                                                          noise=_flat(noise))
-        return prev.view(sample.shape), log_prob, mean.view(sample.shape), table[2]
+        log_prob, prev, mean = _kernels().sde_step.step_forward(_flat(sample), _flat(model_output), table,
+                                                                noise=_flat(noise))
+        return prev.view(sample.shape), log_prob, mean.view(sample.shape), table[layout.STD]
 
 
 def sde_step_logprob(sample: torch.Tensor, model_output: torch.Tensor, prev_sample: torch.Tensor,
@@ -386,7 +387,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
     """
     rewards, group_ids = _check_rewards(rewards, group_ids)
     _check_advantage_options(std, eps, adv_clip_max)
-    modes = {"none": 0, "normalize_then_sum": 1, "sum_then_normalize": 2}
+    modes = {"none": layout.MODE_NONE, "normalize_then_sum": layout.MODE_NORM_SUM,
+             "sum_then_normalize": layout.MODE_SUM_NORM}
     if aggregate not in modes:
         raise ValueError(f"aggregate: expected one of {tuple(modes)}, got {aggregate!r}")
     k = rewards.shape[1]
@@ -395,14 +397,15 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *,
         w = torch.as_tensor(weights, dtype=torch.float32).to(rewards.device)
         if w.shape != (k,):
             raise ValueError(f"weights: expected {k} values (one per reward column), got shape {tuple(w.shape)}")
-        _raise_if_not_finite("weights", w)
+        checks.raise_if_not_finite("weights", w)
     if backend_for(rewards) == "reference":
         return reference.group_advantages(rewards.float(), group_ids, weights=w, std=std, eps=eps,
                                           adv_clip_max=adv_clip_max, aggregate=aggregate).float()
     if w is None:
         w = torch.full((k,), 1.0 / k, dtype=torch.float32, device=rewards.device)
-    return _kernels()[2].group_advantage_launch(rewards.float().contiguous(), group_ids, mode=modes[aggregate],
-                                                weights=w.contiguous(), std=std, eps=eps, clip_max=adv_clip_max)
+    return _kernels().advantages.group_advantage_launch(
+        rewards.float().contiguous(), group_ids, mode=modes[aggregate], weights=w.contiguous(), std=std, eps=eps,
+        clip_max=adv_clip_max)
 
 
 def credit_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, timestep_credit: torch.Tensor,
@@ -426,14 +429,14 @@ def credit_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, timestep_c
                          f"got {tuple(timestep_credit.shape)}")
     if timestep_credit.device != rewards.device:
         raise ValueError(f"timestep_credit: expected device {rewards.device}, got {timestep_credit.device}")
-    _raise_if_not_finite("timestep_credit", timestep_credit)
+    checks.raise_if_not_finite("timestep_credit", timestep_credit)
     if not 0.0 <= exploration <= 1.0:
         raise ValueError(f"exploration: expected a float in [0, 1], got {exploration!r}")
-    c_mode = 0
+    c_mode = layout.C_UNIFORM
     if isinstance(objective_credit, str):
         if objective_credit != "moca":
             raise ValueError(f"objective_credit: expected a [N, K] tensor, None or 'moca', got {objective_credit!r}")
-        c_mode = 2
+        c_mode = layout.C_MOCA
     elif objective_credit is not None:
         _check_tensor("objective_credit", objective_credit, dtypes=(torch.float32, torch.float64, torch.float16,
                                                                    torch.bfloat16))
@@ -441,17 +444,17 @@ def credit_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, timestep_c
             raise ValueError(f"objective_credit: expected shape ({n}, {k}), got {tuple(objective_credit.shape)}")
         if objective_credit.device != rewards.device:
             raise ValueError(f"objective_credit: expected device {rewards.device}, got {objective_credit.device}")
-        _raise_if_not_finite("objective_credit", objective_credit)
-        c_mode = 1
+        checks.raise_if_not_finite("objective_credit", objective_credit)
+        c_mode = layout.C_GIVEN
     if backend_for(rewards) == "reference":
         return reference.credit_advantages(rewards.float(), group_ids, timestep_credit.float(),
-                                           objective_credit if c_mode != 1 else objective_credit.float(),
+                                           objective_credit if c_mode != layout.C_GIVEN else objective_credit.float(),
                                            std=std, eps=eps, adv_clip_max=adv_clip_max,
                                            exploration=exploration).float()
-    return _kernels()[2].group_advantage_launch(
-        rewards.float().contiguous(), group_ids, mode=3, std=std, eps=eps, clip_max=adv_clip_max,
+    return _kernels().advantages.group_advantage_launch(
+        rewards.float().contiguous(), group_ids, mode=layout.MODE_CREDIT, std=std, eps=eps, clip_max=adv_clip_max,
         timestep_credit=timestep_credit.float().contiguous(),
-        objective_credit=objective_credit.float().contiguous() if c_mode == 1 else None,
+        objective_credit=objective_credit.float().contiguous() if c_mode == layout.C_GIVEN else None,
         c_mode=c_mode, exploration=exploration)
 
 
@@ -478,8 +481,8 @@ def grpo_step_loss(sample: torch.Tensor, model_output: torch.Tensor, prev_sample
     _check_row_vector("old_log_prob", old_log_prob, batch, sample.device)
     _check_row_vector("advantages", advantages, batch, sample.device)
     if check_finite:
-        _raise_if_not_finite("old_log_prob", old_log_prob, "row")
-        _raise_if_not_finite("advantages", advantages, "row")
+        checks.raise_if_not_finite("old_log_prob", old_log_prob, "row")
+        checks.raise_if_not_finite("advantages", advantages, "row")
     if not (isinstance(clip_range, (int, float)) and clip_range > 0):
         raise ValueError(f"clip_range: expected a positive float, got {clip_range!r}")
     if not (isinstance(kl_beta, (int, float)) and kl_beta >= 0):

@@ -297,3 +297,48 @@ def test_reference_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda vv: reference.grpo_step_loss(x, vv, xp, old, adv, sigma, sigma_next, clip_range=0.5,
                                             ref_model_output=ref_v, kl_beta=0.2)[0], (v,))
+
+
+# ------------------------------------------------------------------------------------------------
+# one owner for the table layouts and launch modes (kernels/layout.py)
+# ------------------------------------------------------------------------------------------------
+
+def test_the_table_rows_and_modes_are_named_once_and_distinct():
+    from otca_fast.kernels import layout
+
+    coefficient_rows = [layout.ALPHA, layout.BETA, layout.STD, layout.GAMMA, layout.CONST]
+    assert sorted(coefficient_rows) == list(range(layout.COEFFICIENT_ROWS))
+    grpo_rows = [layout.LOG_PROB, layout.ROW_LOSS, layout.RATIO, layout.APPROX_KL, layout.KL, layout.C1, layout.C2]
+    assert sorted(grpo_rows) == list(range(layout.GRPO_TABLE_ROWS))
+    assert layout.C2 == layout.C1 + 1  # the backward reads them as one slice
+    assert len({layout.MODE_NONE, layout.MODE_NORM_SUM, layout.MODE_SUM_NORM, layout.MODE_CREDIT}) == 4
+    assert len({layout.C_UNIFORM, layout.C_GIVEN, layout.C_MOCA}) == 3
+    # the kernels use these very numbers (none of their own)
+    from otca_fast.kernels import advantages, grpo_loss
+
+    assert (advantages.MODE_CREDIT, advantages.C_MOCA, grpo_loss.C1) == (layout.MODE_CREDIT, layout.C_MOCA, layout.C1)
+    assert (sde_kernels.ALPHA, sde_kernels.STD) == (layout.ALPHA, layout.STD)
+
+
+@pytest.mark.parametrize("dynamics", ["flow_sde", "dance_sde", "cps"])
+def test_the_coefficient_table_read_by_name_is_the_references(dynamics):
+    from otca_fast.kernels import layout
+
+    sample = torch.randn(3, 8)
+    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.7, 0.4, 0.1])
+    table = ops._step_coefficients(sample, sigma, sigma_next, None, dynamics, 0.7)
+    expected = reference.step_coefficients(sigma, sigma_next, dynamics=dynamics, noise_level=0.7)
+    for field in reference.StepCoefficients._fields:
+        assert torch.equal(table[getattr(layout, field.upper())], getattr(expected, field).float()), field
+
+
+def test_ops_and_the_kernels_index_by_name_only():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ops_source = (root / "otca_fast" / "ops.py").read_text()
+    assert "_kernels()[" not in ops_source
+    assert not re.search(r"\b(table|coef)\[\d", ops_source)
+    assert not re.search(r"\bmode=\d|c_mode [!=]= \d", ops_source)
+    assert not re.search(r"out_ptr \+ \d \* B", (root / "kernels" / "grpo_loss.py").read_text())
