@@ -365,7 +365,7 @@ def _check_rewards(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_advantage_options(std: str, eps: float, adv_clip_max: float) -> None:
-    if std not in ("group", "global"):
+    if std not in reference.STD_MODES:
         raise ValueError(f"std: expected 'group' or 'global', got {std!r}")
     if not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")

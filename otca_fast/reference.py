@@ -31,6 +31,8 @@ DYNAMICS = ("flow_sde", "dance_sde", "cps", "ode")
 # dynamics whose log-prob is a normalised Gaussian density (the others are Flow-GRPO's
 # unnormalised −mean((x'−μ)²) surrogates, which is why their clip ranges are ~1e-5)
 GAUSSIAN_DYNAMICS = ("flow_sde", "dance_sde")
+# group advantages divide by the std of each group (GRPO) or of the whole batch (Flow-GRPO's global_std)
+STD_MODES = ("group", "global")
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -180,7 +182,7 @@ def group_zscores(rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str = 
     whole batch (Flow-GRPO's ``global_std``) but still centres per group. A group whose rewards
     are all equal (including a one-member group) gets exactly 0: it carries no preference.
     """
-    if std not in ("group", "global"):
+    if std not in STD_MODES:
         raise ValueError(f"std: expected 'group' or 'global', got {std!r}")
     rewards = rewards.to(compute_dtype(rewards.dtype))
     inverse, num_groups = _group_index(group_ids)

@@ -16,11 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from otca_fast import checks
-from otca_fast.reference import DYNAMICS
+from otca_fast.reference import DYNAMICS, STD_MODES
 
 NORMALIZE = ("mean", "sum")
 SOURCES = ("latent", "x0_pred")
-STD_MODES = ("group", "global")
 AGGREGATES = ("normalize_then_sum", "sum_then_normalize")
 WINDOW_SCHEDULES = ("random", "progressive", "fixed")
 TEMPFLOW_NORMS = ("constant", "mean")

@@ -27,6 +27,7 @@ import math
 import torch
 
 from otca_fast import checks
+from otca_fast.credit.config import SELECT_MODES
 
 
 def _inclusion_probabilities(w: torch.Tensor, m: int) -> torch.Tensor:
@@ -69,7 +70,7 @@ def select_timesteps(w: torch.Tensor, fraction: float, *, mode: str = "importanc
         n, t = (int(i) for i in (w < 0).nonzero()[0])
         raise ValueError(f"w: expected non-negative credit, got {float(w[n, t])} at [{n}, {t}]")
     frac = checks.fraction("fraction", fraction)
-    checks.choice("mode", mode, ("importance", "topk"))
+    checks.choice("mode", mode, SELECT_MODES)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     n, t = w.shape

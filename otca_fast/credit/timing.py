@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from otca_fast import checks
+from otca_fast.credit.config import NORMALIZE
 
 
 def objective_timing_credit(step_rewards: torch.Tensor, *, eps: float = 1e-3,
@@ -52,7 +53,7 @@ def objective_timing_credit(step_rewards: torch.Tensor, *, eps: float = 1e-3,
     eps = checks.finite_number("eps", eps)
     if eps <= 0:
         raise ValueError(f"eps: expected a value > 0 (the floor that keeps every step trainable), got {eps}")
-    checks.choice("normalize", normalize, ("mean", "sum"))
+    checks.choice("normalize", normalize, NORMALIZE)
     r = step_rewards.to(checks.compute_dtype(step_rewards.dtype))
     gain = (r[:, 1:] - r[:, :-1]).clamp_min(0.0)
     total = gain.sum(1, keepdim=True)

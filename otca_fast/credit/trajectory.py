@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from otca_fast import checks, ops, reference
+from otca_fast.credit.config import NORMALIZE, SOURCES
 
 
 def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: torch.Tensor | None = None,
@@ -43,7 +44,7 @@ def state_cosines(latents: torch.Tensor, *, source: str = "latent", x0_preds: to
         raise ValueError(f"latents: expected [N, T+1, ...] with T >= 1 (at least two states), got shape "
                          f"{tuple(latents.shape)}")
     state_shape = tuple(latents.shape[2:])
-    checks.choice("source", source, ("latent", "x0_pred"))
+    checks.choice("source", source, SOURCES)
     checks.boolean("per_frame", per_frame)
     if per_frame:
         if isinstance(frame_dim, bool) or not isinstance(frame_dim, int):
@@ -97,7 +98,7 @@ def tcd_weights(cosines: torch.Tensor, *, eps: float = 1e-3, normalize: str = "m
     eps = checks.finite_number("eps", eps)
     if eps <= 0:
         raise ValueError(f"eps: expected a value > 0 (the floor that keeps every step trainable), got {eps}")
-    checks.choice("normalize", normalize, ("mean", "sum"))
+    checks.choice("normalize", normalize, NORMALIZE)
     gain = cosines[:, 1:] - cosines[:, :-1]
     w = gain.clamp_min(0.0) + eps
     w = w / w.sum(1, keepdim=True)
