@@ -28,6 +28,17 @@ def float_tensor(name: str, value: Any, *, dim: int | None = None,
     return value
 
 
+def non_empty_list_of(name: str, items: Any, cls: type) -> list:
+    """``items`` as a list, after checking it holds at least one item and only instances of ``cls``."""
+    items = list(items)
+    if not items:
+        raise ValueError(f"{name}: expected at least one {cls.__name__}, got an empty sequence")
+    for i, item in enumerate(items):
+        if not isinstance(item, cls):
+            raise TypeError(f"{name}[{i}]: expected a {cls.__name__}, got {type(item).__name__}")
+    return items
+
+
 def raise_if_not_finite(name: str, value: torch.Tensor, what: str = "index") -> None:
     """A clear error at the first non-finite entry (its full index, as a tensor would be indexed: ``1`` or
     ``(1, 2)``), nothing when all are finite."""

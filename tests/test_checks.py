@@ -86,3 +86,13 @@ def test_build_backbone_device_check(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"^device: 'cuda' but no CUDA device is available"):
         build_backbone("sd3", tiny=True, device="cuda")
+
+
+def test_non_empty_list_of_names_the_argument_and_the_offending_item():
+    from otca_fast import checks
+
+    assert checks.non_empty_list_of("specs", (1, 2), int) == [1, 2]
+    with pytest.raises(ValueError, match=r"specs: expected at least one int, got an empty sequence"):
+        checks.non_empty_list_of("specs", [], int)
+    with pytest.raises(TypeError, match=r"specs\[1\]: expected a int, got str"):
+        checks.non_empty_list_of("specs", [1, "x"], int)

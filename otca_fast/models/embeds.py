@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from otca_fast import checks
+
 __all__ = ["PromptEmbeds"]
 
 
@@ -71,12 +73,7 @@ class PromptEmbeds:
     @staticmethod
     def cat(items: Sequence[PromptEmbeds]) -> PromptEmbeds:
         """Concatenate along the batch; all items must carry the same tensor names."""
-        items = list(items)
-        if not items:
-            raise ValueError("items: expected at least one PromptEmbeds, got an empty sequence")
-        for i, e in enumerate(items):
-            if not isinstance(e, PromptEmbeds):
-                raise TypeError(f"items[{i}]: expected PromptEmbeds, got {type(e).__name__}")
+        items = checks.non_empty_list_of("items", items, PromptEmbeds)
         keys = set(items[0].tensors)
         for i, e in enumerate(items[1:], 1):
             if set(e.tensors) != keys:

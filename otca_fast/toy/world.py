@@ -282,12 +282,7 @@ def render_clips(specs: Sequence[ClipSpec], *, generator: torch.Generator | None
     cfg = config or WorldConfig()
     if not isinstance(cfg, WorldConfig):
         raise TypeError(f"config: expected a WorldConfig, got {type(cfg).__name__}")
-    specs = list(specs)
-    if not specs:
-        raise ValueError("specs: expected at least one ClipSpec, got an empty sequence")
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, ClipSpec):
-            raise TypeError(f"specs[{i}]: expected a ClipSpec, got {type(spec).__name__}")
+    specs = checks.non_empty_list_of("specs", specs, ClipSpec)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     n, f, h, w = len(specs), cfg.frames, cfg.height, cfg.width
