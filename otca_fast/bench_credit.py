@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES",
+__all__ = ["read_runs", "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES",
            "EXAM_KEYS", "HEADLINE", "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme",
            "summarise", "time_to_target", "write_results", "merge_section", "plot_results", "main"]
 
@@ -412,6 +412,31 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def read_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The runs recorded in ``paths``: each a ``credit_benchmark.json`` (a list of runs) or one run's
+    ``bench_result.json``. A (variant, seed) recorded twice is an error: which of the two counts is unclear."""
+    runs: list[dict[str, Any]] = []
+    where: dict[tuple[str, int], Path] = {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--reuse {path}: cannot read it ({e})") from None
+        for run in data if isinstance(data, list) else [data]:
+            if not isinstance(run, dict) or not {"variant", "seed", "evaluations"} <= set(run):
+                raise SystemExit(f"--reuse {path}: expected benchmark runs (variant, seed, evaluations), "
+                                 f"got {str(run)[:80]!r}")
+            if run["variant"] not in VARIANTS:
+                raise SystemExit(f"--reuse {path}: unknown variant {run['variant']!r}; expected one of "
+                                 f"{list(VARIANTS)}")
+            key = (run["variant"], run["seed"])
+            if key in where:
+                raise SystemExit(f"--reuse: {key[0]} seed {key[1]} is recorded in both {where[key]} and {path}")
+            where[key] = Path(path)
+            runs.append(run)
+    return runs
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m otca_fast.bench_credit", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: every variant, 1 seed, 1 tiny step")
@@ -425,10 +450,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2,
                    help="runs trained at once, in separate processes sharing the CPU cores (or the GPU) evenly "
                         "(default 2: one core each on a 2-core machine)")
-    p.add_argument("--reuse", type=Path, default=None, metavar="JSON",
-                   help="a credit_benchmark.json of an earlier invocation: its (variant, seed) runs that this "
-                        "invocation does not train join the tables (only valid when nothing they read has "
-                        "changed since)")
+    p.add_argument("--reuse", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="credit_benchmark.json files of earlier invocations, or single runs' bench_result.json: "
+                        "their (variant, seed) runs that this invocation does not train join the tables (only "
+                        "valid when nothing they read has changed since)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables from the --reuse runs alone (a benchmark run in chunks)")
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary directory)")
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown report (default: bench/RESULTS.md; with --quick the report is only printed "
@@ -481,17 +508,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
+    reused = read_runs(args.reuse) if args.reuse else []
+    if args.report_only:
+        if not reused:
+            raise SystemExit("--report-only: expected --reuse with at least one run, got none")
+        # the tables' variants and seeds are the reused runs' (the budget line reads the first of them)
+        names = list(dict.fromkeys(r["variant"] for r in reused))
+        seeds = sorted({r["seed"] for r in reused})
     with tempfile.TemporaryDirectory(prefix="otca_bench_credit_") as scratch:
         out = args.out or Path(scratch)
         results = args.results or (Path(scratch) / "RESULTS.md" if args.quick else _REPO / "bench" / "RESULTS.md")
         jobs = [(name, seed, out / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}")
                 for name in names for seed in seeds]
-        runs = _train_all(jobs, args.jobs, dict(base_config=args.config, overrides=args.overrides, quick=args.quick))
-        if args.reuse is not None:
+        if args.report_only:
+            jobs = []
+        runs = _train_all(jobs, args.jobs, dict(base_config=args.config, overrides=args.overrides,
+                                                 quick=args.quick)) if jobs else []
+        if reused:
             trained = {(r["variant"], r["seed"]) for r in runs}
-            earlier = [r for r in json.loads(args.reuse.read_text()) if (r["variant"], r["seed"]) not in trained]
-            print(f"reusing {len(earlier)} runs of {args.reuse}: {sorted({r['variant'] for r in earlier})}",
-                  flush=True)
+            earlier = [r for r in reused if (r["variant"], r["seed"]) not in trained]
+            print(f"reusing {len(earlier)} runs of {', '.join(map(str, args.reuse))}: "
+                  f"{sorted({r['variant'] for r in earlier})}", flush=True)
             runs += earlier
             rank = {name: i for i, name in enumerate(VARIANTS)}
             runs.sort(key=lambda r: (rank[r["variant"]], r["seed"]))
@@ -511,7 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "base_model": ("random tiny weights (model.tiny)" if cfg.model.tiny else
                                    "the shipped shapes base (`otca_fast/toy/assets`)" if cfg.model.path is None
                                    else f"`{cfg.model.path}`"),
-                    "machine": _machine(args.jobs), "level": 0.9}
+                    "machine": ("tables only (--report-only): the runs were trained by earlier invocations"
+                                if args.report_only else _machine(args.jobs)), "level": 0.9}
         plot = plot_results(rows, results.with_name("credit_benchmark.png"))
         write_results(results, rows, runs, settings, plot_path=plot, compute=compute)
         (results.with_name("credit_benchmark.json")).write_text(json.dumps(runs) + "\n")

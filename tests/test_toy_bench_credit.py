@@ -121,3 +121,26 @@ def test_reuse_merges_an_earlier_invocations_runs_in_canonical_order(tmp_path):
     assert runs[1] == json.loads(first.with_name("credit_benchmark.json").read_text())[0]
     text = second.read_text()
     assert text.index("| uniform | 1 |") < text.index("| otca | 1 |")
+
+
+def test_report_only_builds_the_tables_from_chunks_of_runs(tmp_path):
+    """A benchmark run in chunks (sessions, machines): each run keeps its bench_result.json, and
+    --report-only joins them without training anything; a run recorded twice is refused."""
+    first = tmp_path / "first" / "RESULTS.md"
+    assert main(["--quick", "--jobs", "1", "--schemes", "otca", "uniform", "--out", str(tmp_path / "a"),
+                 "--results", str(first)]) == 0
+    single = tmp_path / "a" / "uniform_seed0" / "bench_result.json"
+    otca_only = tmp_path / "otca.json"
+    otca_only.write_text(json.dumps([r for r in json.loads(first.with_name("credit_benchmark.json").read_text())
+                                     if r["variant"] == "otca"]))
+    joined = tmp_path / "joined" / "RESULTS.md"
+    assert main(["--report-only", "--reuse", str(otca_only), str(single), "--results", str(joined)]) == 0
+    runs = json.loads(joined.with_name("credit_benchmark.json").read_text())
+    assert [r["variant"] for r in runs] == ["uniform", "otca"]
+    assert runs[0] == json.loads(single.read_text())
+    assert "| otca | 1 |" in joined.read_text()
+    with pytest.raises(SystemExit, match="uniform seed 0 is recorded in both"):
+        main(["--report-only", "--reuse", str(single), str(first.with_name("credit_benchmark.json")),
+              "--results", str(tmp_path / "x" / "RESULTS.md")])
+    with pytest.raises(SystemExit, match="--report-only: expected --reuse"):
+        main(["--report-only", "--results", str(tmp_path / "y" / "RESULTS.md")])
