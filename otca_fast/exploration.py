@@ -80,7 +80,7 @@ def probe_groups(cfg, *, groups: int, seed: int, device: torch.device | None = N
     """Sample ``groups`` groups of ``cfg``'s training prompts as the trainer's rollout does and score them:
     ``{"prompts": [groups], "rewards": {name: [groups, G]}, "judges": {key: [groups, G]}}``."""
     from otca_fast.data import read_prompts, seed_everything
-    from otca_fast.devices import resolve_device
+    from otca_fast.devices import DTYPES, resolve_device
     from otca_fast.models.from_config import backbone_from_config, latent_shape_from_config
     from otca_fast.rewards import score_metrics, score_rewards
     from otca_fast.rewards.from_config import rewards_from_config
@@ -124,7 +124,7 @@ def probe_groups(cfg, *, groups: int, seed: int, device: torch.device | None = N
         uncond = backbone.encode_prompts([s.negative_prompt] * min(s.batch_size, len(rows)))
     sigmas = backbone.sigmas(s.num_steps).detach().to("cpu", torch.float64)
     result = sample_trajectories(
-        backbone, cond, sigmas=sigmas, sde_mask=sde_mask, init_noise=noise.to(getattr(torch, s.latent_dtype)),
+        backbone, cond, sigmas=sigmas, sde_mask=sde_mask, init_noise=noise.to(DTYPES[s.latent_dtype]),
         prompts=rows, batch_size=s.batch_size, dynamics=s.dynamics, noise_level=s.noise_level,
         generator=noise_generator, guidance_scale=s.guidance_scale, uncond=uncond, score_fn=score)
     judges = {key: torch.cat([c[key] for c in metric_chunks]).view(groups, size) for key in metric_chunks[0]}

@@ -489,15 +489,22 @@ def test_ctrl_c_advice_is_true_without_a_checkpoint(tmp_path, monkeypatch, capsy
                  "--overwrite"]) == 2
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_a_slow_reward_exits_within_seconds(tmp_path):
     """A reward that never returns: Ctrl-C must still end the process (the call is abandoned)."""
     out, marker = tmp_path / "slow", tmp_path / "in_reward"
     reward = [{"name": "test_faults:StuckReward", "weight": 1.0, "options": {"marker": str(marker)}}]
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`nohup .ci/run &`) runs with SIGINT
+    # ignored, and a child inherits that, so Python would never install its KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "otca_fast.train", str(TINY),
                              *small(out, **{"rewards": reward, "eval.enabled": False})],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_from_a_terminal)
     try:
         for _ in range(600):  # bounded: until the reward is running (or the process died)
             if marker.exists() or proc.poll() is not None:
