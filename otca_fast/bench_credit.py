@@ -518,10 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="otca_bench_credit_") as scratch:
         out = args.out or Path(scratch)
         results = args.results or (Path(scratch) / "RESULTS.md" if args.quick else _REPO / "bench" / "RESULTS.md")
-        jobs = [(name, seed, out / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}")
-                for name in names for seed in seeds]
-        if args.report_only:
-            jobs = []
+        jobs = [] if args.report_only else [(name, seed, out / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}")
+                                            for name in names for seed in seeds]
         runs = _train_all(jobs, args.jobs, dict(base_config=args.config, overrides=args.overrides,
                                                  quick=args.quick)) if jobs else []
         if reused:

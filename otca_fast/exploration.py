@@ -1,9 +1,9 @@
 """What a GRPO group can teach: ``python -m otca_fast.exploration CONFIG``.
 
 GRPO learns only from the spread *inside* a group: a sample is pushed up by how far its reward lies above
-its group's mean (A = Σ_k w_k (R_k − mean_group R_k) / std_group R_k, the static mix of the credit
-schemes). So a judged property (an eval-only metric, e.g. the shapes exam's ``shape`` verdict) can move
-under training only if
+its group's mean (A = Σ_k w_k (R_k − mean_group R_k) / std_group R_k with the config's ``credit.aggregate``,
+the static mix every credit scheme starts from). So a judged property (an eval-only metric, e.g. the shapes
+exam's ``shape`` verdict) can move under training only if
 
 1. the group *disagrees* on it: some samples of one prompt pass and some fail (or the score varies), which
    depends on how the rollout explores (``sample.same_noise``, ``sample.dynamics``, ``sample.noise_level``,
@@ -47,20 +47,32 @@ def _within_group_correlation(x: torch.Tensor, y: torch.Tensor) -> tuple[float, 
 
 
 def group_statistics(rewards: dict[str, torch.Tensor], judges: dict[str, torch.Tensor],
-                     weights: dict[str, float], *, adv_eps: float = 1e-4) -> dict[str, dict]:
+                     weights: dict[str, float], *, std: str = "group", eps: float = 1e-4,
+                     adv_clip_max: float = 5.0, aggregate: str = "normalize_then_sum") -> dict[str, dict]:
     """Per judge key: its mean, how often a group disagrees, and the within-group correlation of every reward's
-    group-normalised advantage and of the weighted total with it.
+    group z-score and of the total advantage with it.
 
-    ``rewards`` and ``judges`` map names to ``[groups, G]`` scores; ``weights`` gives each reward's weight in the
-    total advantage Σ_k w_k z_k (z_k = (R_k − group mean) / (group std + ``adv_eps``)).
+    ``rewards`` and ``judges`` map names to ``[groups, G]`` scores. The advantages are the trainer's own
+    (:func:`otca_fast.reference.group_advantages`, the static mix every credit scheme starts from): per reward
+    ``aggregate="none"``, the total with ``weights`` (each reward's, as ``Config.credit_config`` normalises
+    them), ``std``, ``eps``, ``adv_clip_max`` and ``aggregate`` of the config's ``credit`` section.
     """
+    from otca_fast.reference import group_advantages
+
     if not rewards or not judges:
         raise ValueError("group_statistics: expected at least one reward and one judge")
     shapes = {tuple(v.shape) for v in [*rewards.values(), *judges.values()]}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"group_statistics: every score must be [groups, G] of one shape, got {sorted(shapes)}")
-    z = {name: (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + adv_eps) for name, r in rewards.items()}
-    total = sum(weights[name] * z[name] for name in rewards)
+    groups, size = next(iter(shapes))
+    names = list(rewards)
+    flat = torch.stack([rewards[n].reshape(-1).double() for n in names], 1)              # [N, K]
+    group_ids = torch.arange(groups).repeat_interleave(size)
+    options = dict(std=std, eps=eps, adv_clip_max=adv_clip_max)
+    per_reward = group_advantages(flat, group_ids, aggregate="none", **options)
+    z = {n: per_reward[:, k].view(groups, size) for k, n in enumerate(names)}
+    total = group_advantages(flat, group_ids, weights=[weights[n] for n in names], aggregate=aggregate,
+                             **options).view(groups, size)
     out = {}
     for key, values in judges.items():
         values = values.float()
@@ -130,7 +142,8 @@ def probe_groups(cfg, *, groups: int, seed: int, device: torch.device | None = N
     judges = {key: torch.cat([c[key] for c in metric_chunks]).view(groups, size) for key in metric_chunks[0]}
     return {"prompts": chosen, "sde_mask": sde_mask.tolist(),
             "rewards": {r.name: result.rewards[:, k].view(groups, size) for k, r in enumerate(rewards)},
-            "judges": judges, "weights": {r.name: float(spec.weight) for r, spec in zip(rewards, cfg.rewards)}}
+            "judges": judges,
+            "weights": dict(zip([r.name for r in rewards], cfg.credit_config().objective_weights))}
 
 
 def _fmt(value) -> str:
@@ -181,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     names = list(probe["rewards"])
-    eps = cfg.credit.adv_eps
-    report = {"all": group_statistics(probe["rewards"], probe["judges"], probe["weights"], adv_eps=eps)}
+    c = cfg.credit
+    advantage = dict(std=c.std, eps=c.adv_eps, adv_clip_max=c.adv_clip_max, aggregate=c.aggregate)
+    report = {"all": group_statistics(probe["rewards"], probe["judges"], probe["weights"], **advantage)}
     print(f"{args.groups} groups of {cfg.sample.group_size}, SDE steps {probe['sde_mask']}, "
           f"dynamics {cfg.sample.dynamics} (noise level {cfg.sample.noise_level}), "
           f"same_noise {cfg.sample.same_noise}\n")
@@ -195,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         index = torch.tensor(keep)
         report[word] = group_statistics({k: v[index] for k, v in probe["rewards"].items()},
                                         {k: v[index] for k, v in probe["judges"].items()},
-                                        probe["weights"], adv_eps=eps)
+                                        probe["weights"], **advantage)
         print("\n" + format_report(report[word], names, f"groups whose prompt contains {word!r} ({len(keep)})"))
     if args.json is not None:
         args.json.write_text(json.dumps({

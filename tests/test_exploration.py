@@ -69,3 +69,27 @@ def test_a_config_without_eval_metrics_is_refused(capsys):
     code = main(["configs/tiny_video.yaml", "--groups", "1", "--set", "eval.metrics=[]"])
     assert code == 2
     assert "eval.metrics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregate", ["normalize_then_sum", "sum_then_normalize"])
+def test_the_total_advantage_is_the_trainers_static_mix(aggregate):
+    """The total is reference.group_advantages with the config's aggregate: a reward on a 100x scale drowns the
+    other under sum_then_normalize (Flow-GRPO) and not under normalize_then_sum."""
+    from otca_fast.reference import group_advantages
+
+    g = torch.Generator().manual_seed(1)
+    judge = (torch.rand(6, 8, generator=g) > 0.5).float()
+    loud = 100 * torch.randn(6, 8, generator=g)
+    rewards = {"loud": loud, "judge_like": judge + 0.1 * torch.randn(6, 8, generator=g)}
+    stats = group_statistics(rewards, {"verdict": judge}, {"loud": 0.5, "judge_like": 0.5}, aggregate=aggregate)
+    flat = torch.stack([rewards["loud"].reshape(-1), rewards["judge_like"].reshape(-1)], 1).double()
+    total = group_advantages(flat, torch.arange(6).repeat_interleave(8), weights=[0.5, 0.5],
+                             aggregate=aggregate).view(6, 8)
+    centred_a, centred_j = total - total.mean(1, keepdim=True), judge - judge.mean(1, keepdim=True)
+    varies = centred_j.norm(dim=1) > 0
+    expected = ((centred_a * centred_j).sum(1) / (centred_a.norm(dim=1) * centred_j.norm(dim=1)))[varies].mean()
+    assert stats["verdict"]["corr/advantage"] == pytest.approx(float(expected), abs=1e-6)
+    if aggregate == "sum_then_normalize":
+        assert stats["verdict"]["corr/advantage"] == pytest.approx(stats["verdict"]["corr/loud"], abs=0.05)
+    else:
+        assert stats["verdict"]["corr/advantage"] > stats["verdict"]["corr/loud"] + 0.2
