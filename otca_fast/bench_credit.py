@@ -102,7 +102,10 @@ def _shapes_world(data: dict[str, Any]) -> None:
     data.setdefault("data", {}).update({
         "prompts": [], "prompt_file": str(ASSETS_DIR / "train_prompts.txt"),
         "eval_prompts": [], "eval_prompt_file": str(ASSETS_DIR / "heldout_prompts.txt")})
-    data["rewards"] = [{"name": name, "weight": 1.0, "options": {}} for name in OBJECTIVES]
+    # the config's own weights when it already names the three world rewards (the embedded default weights
+    # alignment x3), else the three at weight 1
+    if sorted(r.get("name") for r in data.get("rewards") or []) != sorted(OBJECTIVES):
+        data["rewards"] = [{"name": name, "weight": 1.0, "options": {}} for name in OBJECTIVES]
     data.setdefault("eval", {})["metrics"] = [{"name": "shapes_exam", "options": {}}]
     data.setdefault("sample", {}).update({"height": 32, "width": 32, "num_frames": 9})
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from otca_fast.bench_credit import (
+    _DEFAULT_CONFIG,
     COMPUTE_TABLE,
     CREDIT_TABLE,
     HEADLINE,
@@ -21,6 +22,7 @@ from otca_fast.bench_credit import (
     summarise,
     time_to_target,
 )
+from otca_fast.config import load_config
 
 
 @pytest.mark.parametrize("jobs, variants", [(1, ["uniform", "otca λ=0", "credit 0.5 importance", "window 1"]),
@@ -54,7 +56,13 @@ def test_variants_share_the_budget_and_change_only_what_they_name(tmp_path):
     assert (a.credit.scheme, b.credit.scheme) == ("uniform", "otca") and b.credit.exploration == 0.5
     assert (a.run.seed, b.run.seed) == (0, 2)
     assert a.model.family == "shapes" and a.model.path is None and not a.model.tiny
-    assert [r.name for r in a.rewards] == list(OBJECTIVES) and [m.name for m in a.eval.metrics] == ["shapes_exam"]
+    assert sorted(r.name for r in a.rewards) == sorted(OBJECTIVES)
+    assert [m.name for m in a.eval.metrics] == ["shapes_exam"]
+    # the embedded default's own reward weights (alignment x3), not 1 each
+    default = load_config(_DEFAULT_CONFIG)
+    assert {r.name: r.weight for r in a.rewards} == {r.name: r.weight for r in default.rewards}
+    assert a.sample.prompts_per_step == default.sample.prompts_per_step
+    assert a.train.max_steps == default.train.max_steps
     for section in ("sample", "optimizer", "data", "eval", "train"):
         assert getattr(a, section) == getattr(b, section), section
     credit = bench_config("credit 0.25 topk", 0, tmp_path / "c")

@@ -217,6 +217,37 @@ def test_quality_terms_single_out_the_degradation(world):
     assert float(noisy["flat"].max()) < 0.5 and float(noisy["clean"].max()) < 0.5
 
 
+def _shimmering(clips, specs, backgrounds, *, moving: bool):
+    """Grey specks in the corner farthest from the object's track: fixed in place (``moving=False``: a flaw of
+    the background that every frame repeats) or redrawn in a new place every frame (``moving=True``)."""
+    out = clips.frames.clone()
+    gen = torch.Generator().manual_seed(3)
+    h, w = out.shape[-2:]
+    for b in range(len(specs)):
+        cx, cy = clips.centres[b].mean(0).tolist()
+        y0 = 0 if cy > h / 2 else h - 8
+        x0 = 0 if cx > w / 2 else w - 8
+        fixed = torch.randint(0, 8, (6, 2), generator=gen)
+        for f in range(out.shape[1]):
+            where = torch.randint(0, 8, (6, 2), generator=gen) if moving else fixed
+            for dy, dx in where.tolist():
+                out[b, f, :, y0 + dy, x0 + dx] = 0.5 + 0.4 * (1 - 2 * backgrounds[b, 0, y0 + dy, x0 + dx].round())
+    return out
+
+
+def test_quality_sees_a_background_that_changes_between_frames(world):
+    specs, clips, backgrounds = world
+    still = quality_terms(clips.frames, clips.prompts)["still"]
+    assert float(still.min()) == 1.0                     # the world's backgrounds never move
+    fixed = quality_terms(_shimmering(clips, specs, backgrounds, moving=False), clips.prompts)
+    moving = quality_terms(_shimmering(clips, specs, backgrounds, moving=True), clips.prompts)
+    # the same specks per frame cost `clean` alike; only `still` tells a shimmer from a fixed flaw
+    assert torch.allclose(fixed["clean"], moving["clean"], atol=0.02)
+    assert float(fixed["still"].min()) > 0.99
+    assert float(moving["still"].max()) < 0.5
+    assert bool((moving["quality"] < fixed["quality"] - 0.2).all())
+
+
 def test_an_empty_clip_scores_zero_everywhere(world):
     _, clips, backgrounds = world
     empty = backgrounds.unsqueeze(1).expand_as(clips.frames).clone()

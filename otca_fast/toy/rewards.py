@@ -35,7 +35,7 @@ Then (``scale`` = min(H, W) / 32 converts the pixel constants, tuned at 32x32):
   coherent = mean coherence over the frames (one object, not fragments);
   consistent = exp(−(cv of the area / 0.15)²)·exp(−(std of the colour / 0.1)²); scale = its mean over the
   frames that show the object.
-* **quality** ∈ [0, 1] = mean over frames of (clean · flat · sharp)^(1/3) · scale:
+* **quality** ∈ [0, 1] = mean over frames of (clean · flat · sharp)^(1/3) · scale, times still:
   clean = exp(−mean |frame − background| outside the object / 0.04) (stray blobs, smear trails, noise);
   flat = exp(−std of the object's interior colour / 0.05) (noise on the object; the world's objects are
   flat colour); sharp = exp(−max(0, b − 3.75) / 2.5), b = band/√area scaled to a circle's perimeter
@@ -43,7 +43,11 @@ Then (``scale`` = min(H, W) / 32 converts the pixel constants, tuned at 32x32):
   a given width costs every shape alike), band = the number of partially covered pixels (0.1 < α < 0.9):
   an anti-aliased edge is one pixel wide (b is at most 3.6 on the world's own clips), a
   motion-smeared one about two (≈ 6) and a blurred one several (≈ 10 at σ = 1.2 px).
-  Frames without an object score 0.
+  Frames without an object score 0. still = exp(−rms / 0.01), rms = the frame-to-frame change of the
+  pixels that are background in both frames (2 px clear of the object): the world's backgrounds never
+  move, and ``clean`` (each frame against the prompted background, on average) barely sees a background
+  that shimmers or throws specks from frame to frame (the shapes exam's ``clean`` verdict fell under RL
+  while this reward rose).
 
 Each reward is registered in the reward registry under ``shapes_alignment``, ``shapes_motion`` and
 ``shapes_quality`` (all ``cheap``: a batch of 64 clips takes milliseconds, so ``otca_timing`` may score
@@ -88,6 +92,8 @@ _AREA_CV_SCALE = 0.15
 _COLOUR_STD_SCALE = 0.10
 _CLEAN_SCALE = 0.04
 _FLAT_SCALE = 0.05
+_STILL_SCALE = 0.01            # rms frame-to-frame change of the background (gray levels)
+_STILL_MARGIN = 2              # pixels at 32x32 kept clear around the object when the background is compared
 _BAND_RATIO = 3.75
 # perimeter / √area of each shape: a circle 2√π; a square 4; the world's triangle (base s, height s) (1 + √5)/√½
 _PERIMETER_PER_ROOT_AREA = {"circle": 2 * math.sqrt(math.pi), "square": 4.0,
@@ -320,9 +326,33 @@ def quality_terms(frames: torch.Tensor, prompts: Sequence[str],
     ratio = band / a.area.clamp_min(1e-6).sqrt() * (_PERIMETER_PER_ROOT_AREA["circle"] / perimeter)
     sharp = torch.exp(-(ratio - _BAND_RATIO).clamp_min(0) / _BAND_SCALE) * present
     scale = scale_terms(a)
+    still = _still_background(a)
     per_frame = (clean * flat * sharp).pow(1 / 3) * scale
     return {"clean": clean.mean(1), "flat": flat.mean(1), "sharp": sharp.mean(1), "scale": scale.mean(1),
-            "quality": per_frame.mean(1)}
+            "still": still, "quality": per_frame.mean(1) * still}
+
+
+def _still_background(a: ClipAnalysis) -> torch.Tensor:
+    """``[B]``: exp(−rms / 0.01), rms = the root-mean-square frame-to-frame change (max over channels) of the
+    pixels that are background in both frames of a consecutive pair (outside the object's region grown by
+    ``_STILL_MARGIN`` px).
+
+    The world's backgrounds never move: only the object changes between frames. ``clean`` compares each frame
+    with the prompted background on average, so a background that shimmers or throws specks from frame to
+    frame, or a texture whose cells drift, costs it little; RL found that (the shapes exam's ``clean`` verdict
+    fell while this reward rose). The world's own clips score 1; a clip with no background pixel left scores 0.
+    """
+    b, f, h, w = a.alpha.shape
+    if f < 2:
+        return torch.ones(b)
+    margin = max(1, round(_STILL_MARGIN * a.scale))
+    grown = torch.nn.functional.max_pool2d(a.region.float().flatten(0, 1).unsqueeze(1), 2 * margin + 1, 1, margin)
+    background = grown.view(b, f, h, w) == 0
+    both = background[:, 1:] & background[:, :-1]                                         # [B, F-1, H, W]
+    change = (a.frames[:, 1:] - a.frames[:, :-1]).abs().amax(2)                           # [B, F-1, H, W]
+    count = both.sum((1, 2, 3))
+    rms = ((change.square() * both).sum((1, 2, 3)) / count.clamp_min(1)).sqrt()
+    return torch.where(count > 0, torch.exp(-rms / _STILL_SCALE), torch.zeros_like(rms))
 
 
 def quality_score(frames: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
