@@ -25,7 +25,7 @@ import torch
 from otca_fast.devices import DTYPES, resolve_device
 from otca_fast.evaluation import Evaluation, compare, evaluation_noise, evaluation_rows, sample_and_score
 
-__all__ = ["judge_run", "format_table", "main"]
+__all__ = ["judge_run", "format_table", "headline_key", "write_contact_sheet", "main"]
 
 
 def _load_policies(cfg, checkpoint: Path, device: torch.device, weights: str) -> list[tuple[str, object, object]]:
@@ -70,11 +70,13 @@ def _load_policies(cfg, checkpoint: Path, device: torch.device, weights: str) ->
 
 def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per_prompt: int = 4,
               checkpoint: str | Path | None = None, metrics: Sequence[str] | None = None, weights: str = "ema",
-              device: str = "auto", level: float = 0.9) -> dict:
+              device: str = "auto", level: float = 0.9, keep_clips: bool = False) -> dict:
     """Base vs trained on the run's evaluation prompts with fresh noise (see the module docstring).
 
     Returns ``{"base": Evaluation, "trained": Evaluation, "changes": {key: Interval}, ...}``; the two
-    evaluations stack every seed's clips (``samples_per_prompt`` per seed) along the clip axis.
+    evaluations stack every seed's clips (``samples_per_prompt`` per seed) along the clip axis. With
+    ``keep_clips`` it also holds ``"clips": {"base": [R, F, C, H, W], "trained": ...}``, the first seed's clips
+    (row ``p * samples_per_prompt + s`` is prompt ``p``'s clip ``s``, the same noise for both policies).
     """
     from otca_fast import checkpoint as ckpt
     from otca_fast.config import load_config
@@ -103,21 +105,82 @@ def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per
     rows = evaluation_rows(prompts, samples_per_prompt)
     step = int(ckpt.load_checkpoint(path)["step"])
     per_policy: dict[str, list[dict[str, torch.Tensor]]] = {"base": [], "trained": []}
+    clips: dict[str, torch.Tensor] = {}
     for seed in seeds:
         noise = evaluation_noise(len(rows), shape, seed, device=dev, dtype=DTYPES[cfg.sample.latent_dtype])
+        keep = len(rows) if keep_clips and seed == seeds[0] else 0
         for name, policy, in_place in policies:
             with in_place():
-                values, _ = sample_and_score(policy, rows, noise, sigmas=sigmas, batch_size=cfg.sample.batch_size,
-                                             guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt,
-                                             rewards=rewards, metrics=judges, step=step)
+                values, frames = sample_and_score(policy, rows, noise, sigmas=sigmas,
+                                                  batch_size=cfg.sample.batch_size, guidance_scale=guidance,
+                                                  negative_prompt=cfg.sample.negative_prompt, rewards=rewards,
+                                                  metrics=judges, step=step, keep_frames=keep)
+            if keep:  # kept per clip [F, C, H, W] or per chunk [b, F, C, H, W]
+                parts = [f.float().cpu() for f in frames]
+                clips[name] = torch.stack(parts) if parts[0].dim() == 4 else torch.cat(parts)
             per_policy[name].append({k: v.view(len(prompts), samples_per_prompt) for k, v in values.items()})
     stacked = {name: Evaluation(step, prompts, samples_per_prompt * len(seeds), -1,
                                 {k: torch.cat([part[k] for part in parts], 1) for k in parts[0]})
                for name, parts in per_policy.items()}
     changes = compare(stacked["base"], stacked["trained"], level=level)
-    return {"run": str(run), "checkpoint": str(path), "step": step, "seeds": list(seeds),
-            "samples_per_prompt": samples_per_prompt, "weights": weights, "base": stacked["base"],
-            "trained": stacked["trained"], "changes": changes}
+    out = {"run": str(run), "checkpoint": str(path), "step": step, "seeds": list(seeds),
+           "samples_per_prompt": samples_per_prompt, "weights": weights, "base": stacked["base"],
+           "trained": stacked["trained"], "changes": changes}
+    if keep_clips:
+        out["clips"] = clips
+    return out
+
+
+def headline_key(result: dict) -> str:
+    """The key a contact sheet sorts by: the first eval metric's headline (``metric/<name>``), else the first
+    reward."""
+    keys = list(result["changes"])
+    return next((k for k in keys if k.startswith("metric/") and k.count("/") == 1),
+                next((k for k in keys if k.startswith("metric/")), keys[0]))
+
+
+def write_contact_sheet(result: dict, path: str | Path, *, key: str | None = None, rows: int = 12,
+                        frames: Sequence[int] | None = None) -> list[str]:
+    """A PNG a person can read: for the ``rows`` prompts whose ``key`` changed most (either way), the first
+    seed's first clip of the base and of the trained policy from the same noise, a few frames each, titled with
+    both clips' scores. Returns the prompts shown, in order. Needs ``judge_run(..., keep_clips=True)``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "clips" not in result:
+        raise ValueError("result: has no clips; call judge_run(..., keep_clips=True)")
+    key = key or headline_key(result)
+    base, trained = result["base"], result["trained"]
+    if key not in base.values:
+        raise ValueError(f"key: expected one of {sorted(base.values)}, got {key!r}")
+    spp = result["samples_per_prompt"]
+    change = trained.values[key].double().mean(1) - base.values[key].double().mean(1)        # [P]
+    order = sorted(range(len(base.prompts)), key=lambda p: (-abs(float(change[p])), p))[:rows]
+    clip_b, clip_t = result["clips"]["base"], result["clips"]["trained"]
+    num_frames = clip_b.shape[1]
+    shown = list(frames) if frames is not None else sorted({0, num_frames // 2, num_frames - 1})
+    fig, axes = plt.subplots(len(order), 2 * len(shown), figsize=(1.3 * 2 * len(shown), 1.45 * len(order)),
+                             squeeze=False)
+    for r, p in enumerate(order):
+        row = p * spp
+        for half, (name, clip, evaluation) in enumerate((("base", clip_b, base), ("trained", clip_t, trained))):
+            for c, f in enumerate(shown):
+                ax = axes[r, half * len(shown) + c]
+                ax.imshow(clip[row, f].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_title(f"{name}: {float(evaluation.values[key][p, 0]):.2f}", fontsize=7, loc="left")
+        axes[r, 0].set_ylabel(base.prompts[p].replace(" moving ", "\nmoving ").replace(" on a ", "\non a "),
+                              fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{result['run']}, step {result['step']}: the {len(order)} prompts whose {key} changed most\n"
+                 f"base (left) and trained (right) from the same noise, frames {shown}; titles: this clip's score",
+                 fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [base.prompts[p] for p in order]
 
 
 def format_table(result: dict) -> str:
@@ -146,12 +209,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--level", type=float, default=0.9, help="bootstrap interval level")
     parser.add_argument("--json", type=Path, default=None, help="write every clip's scores and the changes here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
+    parser.add_argument("--sheet", type=Path, default=None,
+                        help="write a PNG of base vs trained clips (same noise) for the prompts whose headline "
+                             "metric changed most, either way")
+    parser.add_argument("--sheet-rows", type=int, default=12, help="prompts on the --sheet")
     args = parser.parse_args(argv)
     if args.samples_per_prompt < 1:
         parser.error(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
+    if args.sheet_rows < 1:
+        parser.error(f"--sheet-rows: expected >= 1, got {args.sheet_rows}")
     result = judge_run(args.run_dir, seeds=args.seeds, samples_per_prompt=args.samples_per_prompt,
                        checkpoint=args.checkpoint, metrics=args.metrics, weights=args.weights, device=args.device,
-                       level=args.level)
+                       level=args.level, keep_clips=args.sheet is not None)
     table = format_table(result)
     print(f"{result['run']} at step {result['step']} ({result['weights']} weights) vs the base: "
           f"{len(result['base'].prompts)} prompts x {result['base'].samples_per_prompt} clips "
@@ -159,8 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     if args.markdown is not None:
         args.markdown.write_text(table + "\n")
+    if args.sheet is not None:
+        write_contact_sheet(result, args.sheet, rows=args.sheet_rows)
+        print(f"\ncontact sheet: {args.sheet}")
     if args.json is not None:
-        payload = {k: v for k, v in result.items() if k not in ("base", "trained", "changes")}
+        payload = {k: v for k, v in result.items() if k not in ("base", "trained", "changes", "clips")}
         payload.update(base=result["base"].to_json(), trained=result["trained"].to_json(),
                        changes={k: c.to_dict() for k, c in result["changes"].items()})
         args.json.write_text(json.dumps(payload) + "\n")

@@ -11,7 +11,7 @@ import torch
 
 from otca_fast.config import ConfigError, load_config
 from otca_fast.evaluation import Evaluation, compare, hacking_alarms
-from otca_fast.judge import format_table, judge_run
+from otca_fast.judge import format_table, headline_key, judge_run, write_contact_sheet
 from otca_fast.rewards import RewardError, build_reward, score_metrics
 from otca_fast.stats import bootstrap_mean, paired_difference
 from otca_fast.trainer import Trainer
@@ -173,3 +173,23 @@ def test_judge_compares_the_trained_policy_with_the_base_on_fresh_seeds(tmp_path
     assert moved > 0  # the trained adapters are in place for 'trained', off for 'base'
     table = format_table(result)
     assert "| metric/shapes_exam/all_correct |" in table and "90% interval" in table
+    assert "clips" not in result  # kept only when asked
+
+    # the contact sheet: the first seed's clips of both policies, the prompts that changed most first
+    kept = judge_run(out, seeds=[11, 12], samples_per_prompt=2, keep_clips=True)
+    rows = len(kept["base"].prompts) * 2
+    assert kept["clips"]["base"].shape[0] == kept["clips"]["trained"].shape[0] == rows
+    assert not torch.equal(kept["clips"]["base"], kept["clips"]["trained"])
+    for key in kept["changes"]:  # the clips' scores are the same as without keeping them
+        assert torch.equal(kept["trained"].values[key], result["trained"].values[key])
+    assert headline_key(kept) == "metric/shapes_exam"
+    sheet = tmp_path / "sheet.png"
+    shown = write_contact_sheet(kept, sheet, rows=1)
+    before, after = kept["base"].values["metric/shapes_exam"], kept["trained"].values["metric/shapes_exam"]
+    change = {p: float(after[i].double().mean() - before[i].double().mean())
+              for i, p in enumerate(kept["base"].prompts)}
+    assert shown == [max(change, key=lambda p: abs(change[p]))] and sheet.stat().st_size > 0
+    with pytest.raises(ValueError, match="keep_clips"):
+        write_contact_sheet(result, sheet)
+    with pytest.raises(ValueError, match="key"):
+        write_contact_sheet(kept, sheet, key="metric/nope")
