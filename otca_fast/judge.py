@@ -68,15 +68,52 @@ def _load_policies(cfg, checkpoint: Path, device: torch.device, weights: str) ->
     return [("base", build(), contextlib.nullcontext), ("trained", trained, contextlib.nullcontext)]
 
 
+def _adapters_on_first_steps(cfg, backbone, sigmas: torch.Tensor, steps: int):
+    """A context that puts the trained policy in place with its adapters on for the first ``steps`` denoising
+    steps of ``sigmas`` only (the base model's velocity below ``sigmas[steps]``)."""
+    from otca_fast.finetuning import adapters_disabled
+
+    if cfg.train.finetune != "lora":
+        raise ValueError(f"adapter_steps: needs a LoRA run (train.finetune = 'lora'), got {cfg.train.finetune!r}")
+    num_steps = sigmas.numel() - 1
+    if not 0 <= steps <= num_steps:
+        raise ValueError(f"adapter_steps: expected 0 <= K <= {num_steps} (the evaluation's steps), got {steps}")
+    # step i evaluates the velocity at sigmas[i]; the first `steps` of them lie above sigmas[steps]
+    cut = float(sigmas[steps]) + 1e-4 if steps < num_steps else -1.0
+    velocity = backbone.velocity
+
+    def split_velocity(latents, sigma, *args, **kwargs):
+        if float(torch.as_tensor(sigma).max()) < cut:
+            with adapters_disabled(backbone.transformer):
+                return velocity(latents, sigma, *args, **kwargs)
+        return velocity(latents, sigma, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def in_place():
+        backbone.velocity = split_velocity
+        try:
+            yield
+        finally:
+            del backbone.velocity  # the class's method again
+
+    return in_place
+
+
 def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per_prompt: int = 4,
               checkpoint: str | Path | None = None, metrics: Sequence[str] | None = None, weights: str = "ema",
-              device: str = "auto", level: float = 0.9, keep_clips: bool = False) -> dict:
+              device: str = "auto", level: float = 0.9, keep_clips: bool = False,
+              adapter_steps: int | None = None) -> dict:
     """Base vs trained on the run's evaluation prompts with fresh noise (see the module docstring).
 
     Returns ``{"base": Evaluation, "trained": Evaluation, "changes": {key: Interval}, ...}``; the two
     evaluations stack every seed's clips (``samples_per_prompt`` per seed) along the clip axis. With
     ``keep_clips`` it also holds ``"clips": {"base": [R, F, C, H, W], "trained": ...}``, the first seed's clips
     (row ``p * samples_per_prompt + s`` is prompt ``p``'s clip ``s``, the same noise for both policies).
+
+    ``adapter_steps`` (LoRA runs only) = K: the trained policy uses its adapters on the first K denoising steps
+    and the base model on the rest. Where does a change live? GRPO trains only the SDE steps (the others have
+    no log-probability), but the adapters act on every step; judging with K = the number of SDE steps shows
+    what the trained steps alone do. K = 0 is the base; K = the number of steps is the whole policy.
     """
     from otca_fast import checkpoint as ckpt
     from otca_fast.config import load_config
@@ -100,6 +137,8 @@ def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per
     policies = _load_policies(cfg, path, dev, weights)
     backbone = policies[-1][1]
     sigmas = backbone.sigmas(cfg.eval.num_steps or cfg.sample.num_steps).detach().to("cpu", torch.float64)
+    if adapter_steps is not None:
+        policies[-1] = ("trained", backbone, _adapters_on_first_steps(cfg, backbone, sigmas, adapter_steps))
     shape = tuple(backbone.latent_shape(cfg.sample.height, cfg.sample.width, cfg.sample.num_frames))
     guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else cfg.sample.guidance_scale
     rows = evaluation_rows(prompts, samples_per_prompt)
@@ -124,7 +163,8 @@ def judge_run(run_dir: str | Path, *, seeds: Sequence[int] = (101,), samples_per
                for name, parts in per_policy.items()}
     changes = compare(stacked["base"], stacked["trained"], level=level)
     out = {"run": str(run), "checkpoint": str(path), "step": step, "seeds": list(seeds),
-           "samples_per_prompt": samples_per_prompt, "weights": weights, "base": stacked["base"],
+           "samples_per_prompt": samples_per_prompt, "weights": weights, "adapter_steps": adapter_steps,
+           "base": stacked["base"],
            "trained": stacked["trained"], "changes": changes}
     if keep_clips:
         out["clips"] = clips
@@ -213,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write a PNG of base vs trained clips (same noise) for the prompts whose headline "
                              "metric changed most, either way")
     parser.add_argument("--sheet-rows", type=int, default=12, help="prompts on the --sheet")
+    parser.add_argument("--adapter-steps", type=int, default=None, metavar="K",
+                        help="LoRA runs: the trained policy uses its adapters on the first K denoising steps only "
+                             "(the base renders the rest): where does the change live?")
     args = parser.parse_args(argv)
     if args.samples_per_prompt < 1:
         parser.error(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
@@ -220,9 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--sheet-rows: expected >= 1, got {args.sheet_rows}")
     result = judge_run(args.run_dir, seeds=args.seeds, samples_per_prompt=args.samples_per_prompt,
                        checkpoint=args.checkpoint, metrics=args.metrics, weights=args.weights, device=args.device,
-                       level=args.level, keep_clips=args.sheet is not None)
+                       level=args.level, keep_clips=args.sheet is not None, adapter_steps=args.adapter_steps)
     table = format_table(result)
-    print(f"{result['run']} at step {result['step']} ({result['weights']} weights) vs the base: "
+    partial = "" if args.adapter_steps is None else f", adapters on the first {args.adapter_steps} steps only"
+    print(f"{result['run']} at step {result['step']} ({result['weights']} weights{partial}) vs the base: "
           f"{len(result['base'].prompts)} prompts x {result['base'].samples_per_prompt} clips "
           f"(seeds {result['seeds']})\n")
     print(table)

@@ -191,5 +191,17 @@ def test_judge_compares_the_trained_policy_with_the_base_on_fresh_seeds(tmp_path
     assert shown == [max(change, key=lambda p: abs(change[p]))] and sheet.stat().st_size > 0
     with pytest.raises(ValueError, match="keep_clips"):
         write_contact_sheet(result, sheet)
+
+    # adapters on the first K steps only: K = 0 is the base exactly, K = every step the whole policy
+    none = judge_run(out, seeds=[11], samples_per_prompt=2, adapter_steps=0)
+    run_cfg = load_config(out / "config.yaml")
+    steps = run_cfg.eval.num_steps or run_cfg.sample.num_steps
+    every = judge_run(out, seeds=[11], samples_per_prompt=2, adapter_steps=steps)
+    whole = judge_run(out, seeds=[11], samples_per_prompt=2)
+    for key in result["changes"]:
+        assert torch.equal(none["trained"].values[key], none["base"].values[key]), key
+        assert torch.equal(every["trained"].values[key], whole["trained"].values[key]), key
+    with pytest.raises(ValueError, match="adapter_steps"):
+        judge_run(out, seeds=[11], samples_per_prompt=1, adapter_steps=99)
     with pytest.raises(ValueError, match="key"):
         write_contact_sheet(kept, sheet, key="metric/nope")
