@@ -262,6 +262,18 @@ class EMAConfig(_Section):
     update_every: PositiveInt = Field(8, description="update the EMA every N optimizer steps (Flow-GRPO: 8)")
 
 
+class TailMatchingConfig(_Section):
+    """Advantage-weighted flow matching on the ODE tail: the steps after the SDE window have no log-probability,
+    so GRPO never trains them, yet the shared LoRA weights change them. This term gives them a gradient: each
+    sample's final clip x0 is noised afresh to a tail step's σ, x = (1 − σ)·x0 + σ·ε, and the velocity is
+    regressed on ε − x0 with the sample's advantage as the weight (reward-weighted regression on the policy's own
+    clips; with ``positive_only`` the clips worse than their group's mean get no weight)."""
+
+    weight: NonNegativeFloat = Field(0.0, description="weight of the term beside the GRPO loss (0 = off)")
+    positive_only: bool = Field(True, description="weights max(A, 0): pull towards the better clips only (a "
+                                                  "negative weight on a squared error has no bound)")
+
+
 class TrainConfig(_Section):
     max_steps: PositiveInt = Field(description="training steps (one step = one rollout batch) (required)")
     checkpoint_every: PositiveInt = Field(description="write a checkpoint every N steps (required)")
@@ -285,6 +297,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (saves memory)")
     compile: bool = Field(False, description="torch.compile the transformer")
     ema: EMAConfig = Field(default_factory=EMAConfig)
+    tail_matching: TailMatchingConfig = Field(default_factory=TailMatchingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -498,6 +511,10 @@ class Config(_Section):
             if hi >= s.num_steps:
                 raise ValueError(f"sample.sde.window_range: with train.skip_last_step the window must end before "
                                  f"the last step (hi <= {s.num_steps - 1}), got hi = {hi}")
+        all_sde = (s.sde.mode == "all" and scheme != "window") or (s.sde.mode == "fraction" and s.sde.fraction >= 1)
+        if self.train.tail_matching.weight > 0 and all_sde:
+            raise ValueError("train.tail_matching: the SDE covers every denoising step, so there is no ODE tail to "
+                             "train; use sample.sde.mode: fraction (< 1) or window, or tail_matching.weight: 0")
         trainable = self.num_trainable_steps()
         if trainable < 1:
             raise ValueError("sample.sde: no trainable SDE step is left (the last step is never trained); "

@@ -141,6 +141,10 @@ class Trainer:
         self.named_trainable = distributed.prepare_model(self.dist, cfg, self.transformer, self.ref_transformer,
                                                          finetuning.named_trainable)
         self.trainable = list(self.named_trainable.values())
+        if cfg.train.tail_matching.weight > 0 and self.dist.strategy == "fsdp":
+            raise ConfigError("train.tail_matching: not supported with distributed.strategy fsdp (its backward "
+                              "passes are collective and the term's rows differ per rank); use ddp, or "
+                              "tail_matching.weight: 0")
         self.latent_shape = latent_shape_from_config(self.backbone, cfg.sample)
         self.sigmas = self.backbone.sigmas(cfg.sample.num_steps).detach().to("cpu", torch.float64)
         embed_prompts(self.backbone, self.prompts + self.eval_prompts + [cfg.sample.negative_prompt],
@@ -154,6 +158,9 @@ class Trainer:
             "schedule": torch.Generator().manual_seed(stream_seed(cfg.run.seed, "schedule")),
             "credit": torch.Generator().manual_seed(stream_seed(cfg.run.seed, "credit")),
         }
+        if cfg.train.tail_matching.weight > 0:  # its own stream, so switching it on changes no rollout's noise
+            self.generators["tail"] = torch.Generator(device=self.device).manual_seed(
+                stream_seed(cfg.run.seed, "tail"))
         c = cfg.credit  # x̂0 predictions: CoCA's credit, and TCD's with credit.source: x0_pred
         x0 = c.scheme == "coca" or (c.source == "x0_pred" and c.scheme in ("otca", "tcd_only", "otca_timing"))
         self.buffer, self.x0_buffer = trajectory_buffers(self.local_samples, cfg.sample.num_steps, self.latent_shape,
@@ -460,7 +467,8 @@ class Trainer:
         k = min(tc.updates_per_step, len(micro))
         updates = [micro[i * len(micro) // k:(i + 1) * len(micro) // k] for i in range(k)] * tc.inner_epochs
         sums = dict.fromkeys(_LOSS_STATS, 0.0)
-        totals = {"pairs": 0, "ratio_dev_max": 0.0, "grad_norms": []}
+        totals = {"pairs": 0, "ratio_dev_max": 0.0, "grad_norms": [], "tail_loss": 0.0, "tail_rows": 0}
+        tail = self._tail_targets(rollout, credit) if tc.tail_matching.weight > 0 else None
         self.progress.phase("update", tc.inner_epochs * int(mine.valid.sum()))
         for chunk_rows in updates:
             # L_u = mean over this update's (sample, step) pairs of the per-step loss (on every rank)
@@ -470,6 +478,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for rows in chunk_rows:
                 self._accumulate_chunk(step, rollout, rows, mine, adv, pairs, sums, totals)
+                if tail is not None:
+                    # every rank holds the same local rows of the update's chunks: W times as many in all
+                    update_rows = self.dist.world_size * sum(r.stop - r.start for r in chunk_rows)
+                    self._tail_matching(step, rollout, rows, tail, update_rows, totals)
             self._optimizer_step(step, totals["grad_norms"])
         self.optimizer.zero_grad(set_to_none=True)
         sums, pairs_done, ratio_dev_max = self.lockstep.reduce_stats(sums, totals["pairs"], totals["ratio_dev_max"])
@@ -483,7 +495,69 @@ class Trainer:
         out["grad_norm"] = sum(totals["grad_norms"]) / len(totals["grad_norms"])
         out["optimizer_steps"] = self.optimizer_steps
         out["trained_pairs"] = pairs_done // tc.inner_epochs
+        if tail is not None:  # the mean over the rows every rank trained
+            loss_sum, rows = distributed.all_reduce(
+                self.dist, torch.tensor([totals["tail_loss"], totals["tail_rows"]], dtype=torch.float64)).tolist()
+            out["tail_matching_loss"] = loss_sum / max(rows, 1.0)
         return out
+
+    def _tail_targets(self, rollout: Rollout, credit: Credit) -> dict[str, torch.Tensor]:
+        """What the tail-matching term needs for the whole batch (``train.tail_matching``): each sample's weight
+        (its advantage, the mean of A over the trainable steps, clipped like A; with ``positive_only``
+        max(A, 0)), the ODE steps after the SDE window whose noise levels it trains, and each sample's draw of
+        one of them and of its noise ε (drawn for all N rows in order, so several ranks draw what one process
+        would)."""
+        tc = self.cfg.train
+        trainable = self.trainable_steps(rollout.sde_mask)
+        clip = self.credit_config.adv_clip_max
+        a = credit.advantages[:, trainable].mean(1).clamp(-clip, clip)
+        if tc.tail_matching.positive_only:
+            a = a.clamp_min(0.0)
+        last_sde = int(rollout.sde_mask.nonzero().max()) if bool(rollout.sde_mask.any()) else -1
+        steps = torch.arange(last_sde + 1, self.cfg.sample.num_steps)  # σ_t > 0 for t < T
+        if steps.numel() == 0:
+            raise TrainingError("train.tail_matching: the SDE covers every denoising step, so there is no ODE "
+                                "tail to train (set sample.sde.mode: fraction or window, or tail_matching.weight: 0)")
+        gen, n = self.generators["tail"], credit.advantages.shape[0]
+        pick = torch.randint(steps.numel(), (n,), generator=gen, device=gen.device).cpu()
+        eps = torch.randn((n, *self.latent_shape), generator=gen, device=gen.device, dtype=torch.float32)
+        return {"weight": a, "steps": steps, "step": steps[pick], "eps": eps}
+
+    def _tail_matching(self, step: int, rollout: Rollout, rows: slice, tail: dict[str, torch.Tensor],
+                       update_rows: int, totals: dict[str, Any]) -> None:
+        """Backward of the advantage-weighted flow-matching loss of rows ``rows`` (this rank's) on the ODE tail.
+
+        For sample n with final clip x0_n, weight w_n, tail step t_n and noise ε_n (``_tail_targets``):
+        x = (1 − σ_t)·x0_n + σ_t·ε_n, L_n = mean((v_θ(x, σ_t) − (ε_n − x0_n))²), and the term is
+        ``tail_matching.weight`` · Σ_n w_n·L_n / (the update's samples), a mean over the update like the GRPO
+        loss. Rows of weight 0 are skipped (DDP averages the gradients after the backward passes; FSDP, whose
+        backward is collective, is refused at set-up)."""
+        cfg = self.cfg
+        local = torch.arange(rows.start, rows.stop)
+        glob = local + (rollout.rows.start or 0)
+        w = tail["weight"][glob]
+        keep = w != 0
+        if not bool(keep.any()):
+            return
+        ids, glob, w = local[keep], glob[keep], w[keep].to(self.device)
+        b = ids.numel()
+        x0 = self.buffer.gather(ids, torch.full((b,), cfg.sample.num_steps, dtype=torch.long)).float()
+        sigma = self.sigmas[tail["step"][glob]].to(device=self.device, dtype=torch.float32)
+        eps = tail["eps"][glob.to(tail["eps"].device)].to(self.device)
+        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
+        x = ((1 - s) * x0 + s * eps).to(self.latent_dtype)  # flow matching: x_σ = (1 − σ)·x0 + σ·ε, v* = ε − x0
+        cond = rollout.cond.index(ids) if b != rows.stop - rows.start else rollout.cond.index(rows)
+        uncond = rollout.uncond.index(slice(0, b)) if rollout.uncond is not None else None
+        v = self._velocity(x, sigma, cond, uncond).float()
+        per_sample = (v - (eps - x0)).square().flatten(1).mean(1)
+        if not bool(torch.isfinite(per_sample).all()):
+            bad = glob[~torch.isfinite(per_sample).cpu()].tolist()
+            raise NonFiniteError(f"step {step}: the tail-matching loss (train.tail_matching) of samples {bad} is "
+                                 f"not finite")
+        loss = cfg.train.tail_matching.weight * (w * per_sample).sum() * (self.dist.world_size / update_rows)
+        loss.backward()
+        totals["tail_loss"] += float(per_sample.detach().sum())
+        totals["tail_rows"] += b
 
     def _accumulate_chunk(self, step: int, rollout: Rollout, rows: slice, mine: TrainedSteps, adv: torch.Tensor,
                           pairs: int, sums: dict[str, float], totals: dict[str, Any]) -> None:

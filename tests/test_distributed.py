@@ -199,6 +199,27 @@ def test_fsdp_lockstep_with_uneven_pairs_full_finetuning_and_a_sharded_kl_refere
           f"|dAdam| {_optimizer_diff(a, b):.3g}")
 
 
+def test_tail_matching_on_two_ddp_ranks_equals_one_process_and_fsdp_refuses_it(tmp_path):
+    """train.tail_matching (advantage-weighted flow matching on the ODE tail): its draws cover the whole batch
+    in row order, so 2 DDP ranks train what 1 process does; FSDP (collective backward passes) refuses it."""
+    extra = {"sample.sde.mode": "fraction", "sample.sde.fraction": 0.67, "train.tail_matching.weight": 0.5,
+             "train.tail_matching.positive_only": False}
+    _ok(torchrun(1, tmp_path / "one", **extra))
+    _ok(torchrun(2, tmp_path / "two", **{**extra, "distributed.strategy": "ddp"}))
+    recs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    assert all(r["tail_matching_loss"] > 0 for r in recs[0])
+    assert max(abs(a["tail_matching_loss"] - b["tail_matching_loss"]) / a["tail_matching_loss"]
+               for a, b in zip(*recs)) <= 1e-5  # the mean over every rank's rows
+    a = ckpt.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000002")
+    b = ckpt.load_checkpoint(tmp_path / "two" / "checkpoints" / "step_00000002")
+    first = ckpt.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000001")
+    assert _max_diff(a["weights"], first["weights"]) > 1e-5 > TOL
+    assert _max_diff(a["weights"], b["weights"]) <= TOL and _optimizer_diff(a, b) <= TOL
+    proc = torchrun(2, tmp_path / "fsdp", **{**extra, "distributed.strategy": "fsdp"})
+    assert proc.returncode != 0 and "train.tail_matching: not supported with distributed.strategy fsdp" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # resume from a sharded checkpoint onto 1 and onto 2 processes (and the 1-process layout onto 2)
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from otca_fast import checkpoint as ckpt
-from otca_fast.config import load_config
+from otca_fast.config import ConfigError, load_config
 from otca_fast.rewards import build_reward
 from otca_fast.train import main
 from otca_fast.trainer import TIMING_KEYS, Trainer, TrainingError
@@ -372,3 +372,99 @@ def test_cfg_shared_noise_and_several_updates_per_step(tmp_path):
     assert rec["optimizer_steps"] == 4 and rec["trained_pairs"] == 4 * 3
     # the first update's pairs are on-policy; the rest see weights that one update already moved
     assert rec["ratio_dev_max"] > 0.0 and torch.isfinite(torch.tensor(rec["loss"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# train.tail_matching: advantage-weighted flow matching on the ODE tail
+# ------------------------------------------------------------------------------------------------
+
+TAIL = {"train.max_steps": 1, "eval.enabled": False, "sample.sde.mode": "fraction", "sample.sde.fraction": 0.5,
+        "train.tail_matching.weight": 0.5}
+
+
+def _grads(trainer) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.trainable]
+
+
+@pytest.mark.parametrize("positive_only", [True, False])
+def test_tail_matching_regresses_the_ode_tail_on_the_weighted_final_clips(tmp_path, positive_only):
+    """The term's gradient is that of weight · Σ_n w_n·mean((v_θ((1 − σ)x0_n + σε, σ) − (ε − x0_n))²) / N, with
+    w_n the sample's advantage (mean of A over the trainable steps; max(·, 0) with positive_only), σ one of the
+    ODE tail's noise levels, x0_n the sample's final clip from the buffer; rows of weight 0 add nothing."""
+    cfg = cfg_of(tmp_path / "t", **{**TAIL, "train.tail_matching.positive_only": positive_only})
+    with Trainer(cfg) as trainer:
+        prompt_ids = trainer.sampler.next()
+        prompts = [trainer.prompts[i] for i in prompt_ids for _ in range(trainer.group_size)]
+        group_ids = torch.arange(len(prompt_ids)).repeat_interleave(trainer.group_size)
+        rollout = trainer.rollout(1, prompts)
+        credit = trainer.compute_credit(1, rollout, group_ids)
+        tail = trainer._tail_targets(rollout, credit)
+        # 4 denoising steps, SDE on the first 2: the tail is steps 2 and 3 (σ > 0 at both)
+        assert rollout.sde_mask.tolist() == [True, True, False, False]
+        assert tail["steps"].tolist() == [2, 3]
+        a = credit.advantages[:, trainer.trainable_steps(rollout.sde_mask)].mean(1)
+        assert a.abs().max() > 0
+        assert torch.equal(tail["weight"], a.clamp_min(0) if positive_only else a)
+
+        n = trainer.num_samples
+        assert tail["eps"].shape == (n, *trainer.latent_shape)
+        assert bool(torch.isin(tail["step"], torch.tensor([2, 3])).all())
+        trainer.optimizer.zero_grad(set_to_none=True)
+        totals = {"tail_loss": 0.0, "tail_rows": 0}
+        trainer._tail_matching(1, rollout, slice(0, n), tail, n, totals)
+        got = _grads(trainer)
+
+        # the same term written out
+        keep = (tail["weight"] != 0).nonzero().flatten()
+        x0 = trainer.buffer.gather(keep, torch.full((keep.numel(),), 4, dtype=torch.long))
+        sigma = trainer.sigmas[tail["step"][keep]].float()
+        eps = tail["eps"][keep]
+        s = sigma.view(-1, 1, 1, 1, 1)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        v = trainer._velocity((1 - s) * x0 + s * eps, sigma, rollout.cond.index(keep), None)
+        per = (v - (eps - x0)).square().flatten(1).mean(1)
+        (0.5 * (tail["weight"][keep] * per).sum() / n).backward()
+        want = _grads(trainer)
+        assert any(bool(g.abs().max() > 0) for g in want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-12)
+        assert totals["tail_rows"] == keep.numel()
+        assert totals["tail_loss"] == pytest.approx(float(per.detach().sum()), rel=1e-5)
+
+        # no weight, no gradient
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._tail_matching(1, rollout, slice(0, n), {**tail, "weight": torch.zeros(n)}, n, totals)
+        assert all(p.grad is None for p in trainer.trainable)
+
+
+def test_tail_matching_runs_resumes_exactly_and_needs_an_ode_tail(tmp_path, monkeypatch):
+    extra = {**TAIL, "train.max_steps": 3, "train.checkpoint_every": 1, "train.ema.update_every": 1}
+    full = tmp_path / "full"
+    assert main([str(TINY), *small(full, **extra)]) == 0
+    recs = train_records(full)
+    assert all(r["tail_matching_loss"] > 0 and r["ratio_mean"] == 1.0 for r in recs)
+
+    part = tmp_path / "part"
+    real_update = Trainer.update
+
+    def interrupted(self, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_update(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "update", interrupted)
+    assert main([str(TINY), *small(part, **extra)]) == 130
+    monkeypatch.setattr(Trainer, "update", real_update)
+    assert main([str(TINY), *small(part, **extra), "--resume"]) == 0
+    assert_same_state(ckpt.load_checkpoint(full / "checkpoints" / "step_00000003"),
+                      ckpt.load_checkpoint(part / "checkpoints" / "step_00000003"))
+    assert _comparable(records(full)) == _comparable(records(part))
+
+    # the term's off switch leaves the loop as it was: no tail stream, no tail statistic
+    off = cfg_of(tmp_path / "off", **{**TAIL, "train.tail_matching.weight": 0.0})
+    with Trainer(off) as trainer:
+        (rec,) = trainer.train()
+        assert "tail" not in trainer.generators and "tail_matching_loss" not in rec
+    for sde in ({"sample.sde.mode": "all"}, {"sample.sde.fraction": 1.0}):
+        with pytest.raises(ConfigError, match="train.tail_matching: the SDE covers every denoising step"):
+            cfg_of(tmp_path / "all", **{**TAIL, **sde})
