@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_runs", "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES",
+__all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference",
+           "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES",
            "EXAM_KEYS", "HEADLINE", "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme",
            "summarise", "time_to_target", "write_results", "merge_section", "plot_results", "main"]
 
@@ -141,6 +142,50 @@ def bench_config(scheme: str, seed: int, output_dir: str | Path, *, base_config:
     return parse_config(data, source=f"{base_config} (bench_credit: {scheme}, seed {seed})")
 
 
+def shared_settings(*, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
+                    quick: bool = False) -> dict[str, Any]:
+    """What every run of an invocation shares, to check that runs joined with ``--reuse`` were made alike: the
+    config its ``uniform`` run of seed 0 would train (the base config, ``--set`` overrides and ``--quick``
+    applied; the output directory and seed left out, the credit being what the variants differ by) and a
+    digest of the base model's weights and of the prompt files it reads."""
+    import hashlib
+
+    from otca_fast.toy.model import ASSETS_DIR, WEIGHTS_FILE
+
+    cfg = bench_config("uniform", 0, "_", base_config=base_config, overrides=overrides, quick=quick)
+    data = cfg.model_dump(mode="json")
+    data["run"].pop("output_dir", None)
+    data["run"].pop("seed", None)
+    data.pop("credit", None)
+    files = [ASSETS_DIR / WEIGHTS_FILE] if cfg.model.path is None and not cfg.model.tiny else []
+    files += [Path(f) for f in (cfg.data.prompt_file, cfg.data.eval_prompt_file) if f]
+    data["file_sha256"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+    return data
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """A short digest of :func:`shared_settings` (equal settings, equal digest)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def settings_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """``key: a -> b`` for every setting that differs between two :func:`shared_settings`."""
+    fa, fb = _flat(a), _flat(b)
+    return [f"{k}: {fa.get(k, '(absent)')!r} -> {fb.get(k, '(absent)')!r}" for k in sorted(set(fa) | set(fb))
+            if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
+
+
 def _heldout_prompts() -> list[str]:
     from otca_fast.toy.world import split_specs
 
@@ -172,8 +217,10 @@ def run_scheme(scheme: str, seed: int, output_dir: str | Path, **config_kwargs: 
     if len(evaluations) < 2 or evaluations[0]["step"] != 0:
         raise RuntimeError(f"{scheme} seed {seed}: expected evaluations at the start and the end under "
                            f"{output_dir}/report/eval, got steps {[e['step'] for e in evaluations]}")
+    settings = shared_settings(**config_kwargs)
     record = {"variant": scheme, "scheme": cfg.credit.scheme, "seed": seed, "steps": cfg.train.max_steps,
-              "wall_seconds": wall, "train_seconds": sum(step_seconds.values()), "evaluations": evaluations}
+              "wall_seconds": wall, "train_seconds": sum(step_seconds.values()), "evaluations": evaluations,
+              "settings_digest": settings_digest(settings), "settings": settings}
     # the run's record beside its metrics: a benchmark stopped half-way keeps what it measured (--reuse)
     (Path(output_dir) / "bench_result.json").write_text(json.dumps(record) + "\n")
     return record
@@ -415,10 +462,17 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def read_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+def read_runs(paths: Sequence[Path], *, expected: dict[str, Any] | None = None,
+              trust_unrecorded: bool = False) -> list[dict[str, Any]]:
     """The runs recorded in ``paths``: each a ``credit_benchmark.json`` (a list of runs) or one run's
-    ``bench_result.json``. A (variant, seed) recorded twice is an error: which of the two counts is unclear."""
+    ``bench_result.json``. A (variant, seed) recorded twice is an error: which of the two counts is unclear.
+
+    The runs must share their settings (:func:`shared_settings`), with each other and with ``expected`` (the
+    settings of the invocation that trains beside them) when it is given; a run recorded without its settings
+    (made before they were kept) is refused unless ``trust_unrecorded``: a paired table of runs made on
+    different defaults compares nothing."""
     runs: list[dict[str, Any]] = []
+    first: tuple[dict[str, Any], str] | None = (expected, "this invocation") if expected is not None else None
     where: dict[tuple[str, int], Path] = {}
     for path in paths:
         try:
@@ -436,6 +490,18 @@ def read_runs(paths: Sequence[Path]) -> list[dict[str, Any]]:
             if key in where:
                 raise SystemExit(f"--reuse: {key[0]} seed {key[1]} is recorded in both {where[key]} and {path}")
             where[key] = Path(path)
+            if "settings" not in run:
+                if not trust_unrecorded:
+                    raise SystemExit(f"--reuse {path}: {key[0]} seed {key[1]} was recorded without its settings, so "
+                                     f"nothing shows it was made like the other runs; pass --trust-unrecorded to "
+                                     f"join it anyway")
+            elif first is None:
+                first = (run["settings"], f"{key[0]} seed {key[1]} in {path}")
+            elif settings_digest(run["settings"]) != settings_digest(first[0]):
+                diff = settings_difference(first[0], run["settings"])
+                raise SystemExit(f"--reuse {path}: {key[0]} seed {key[1]} was made with other settings than "
+                                 f"{first[1]} ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}): runs "
+                                 f"made on different settings do not pair")
             runs.append(run)
     return runs
 
@@ -457,6 +523,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="credit_benchmark.json files of earlier invocations, or single runs' bench_result.json: "
                         "their (variant, seed) runs that this invocation does not train join the tables (only "
                         "valid when nothing they read has changed since)")
+    p.add_argument("--trust-unrecorded", action="store_true",
+                   help="join --reuse runs recorded without their settings (made before runs kept them); by "
+                        "default they are refused, since nothing shows they share this invocation's settings")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables from the --reuse runs alone (a benchmark run in chunks)")
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary directory)")
@@ -511,7 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
-    reused = read_runs(args.reuse) if args.reuse else []
+    expected = None if args.report_only else shared_settings(base_config=args.config, overrides=args.overrides,
+                                                                 quick=args.quick)
+    reused = read_runs(args.reuse, expected=expected, trust_unrecorded=args.trust_unrecorded) if args.reuse else []
     if args.report_only:
         if not reused:
             raise SystemExit("--report-only: expected --reuse with at least one run, got none")

@@ -152,3 +152,40 @@ def test_report_only_builds_the_tables_from_chunks_of_runs(tmp_path):
               "--results", str(tmp_path / "x" / "RESULTS.md")])
     with pytest.raises(SystemExit, match="--report-only: expected --reuse"):
         main(["--report-only", "--results", str(tmp_path / "y" / "RESULTS.md")])
+
+
+def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
+    """Runs joined into one paired table must share their settings (the config every variant shares, the base
+    weights, the prompt files): a run made on another default, or recorded without its settings, is refused
+    with the keys that differ."""
+    from otca_fast.bench_credit import settings_difference, shared_settings
+
+    results = tmp_path / "a" / "RESULTS.md"
+    assert main(["--quick", "--jobs", "1", "--schemes", "uniform", "--out", str(tmp_path / "a"),
+                 "--results", str(results)]) == 0
+    run = json.loads((tmp_path / "a" / "uniform_seed0" / "bench_result.json").read_text())
+    assert run["settings"] == shared_settings(quick=True) and run["settings"]["file_sha256"]
+    assert shared_settings(quick=True, overrides=["train.tail_matching.weight=0.5"]) != run["settings"]
+
+    other = json.loads(json.dumps({**run, "variant": "otca"}))
+    other["settings"]["optimizer"]["lr"] = 0.123
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    single = tmp_path / "a" / "uniform_seed0" / "bench_result.json"
+    out = str(tmp_path / "x" / "RESULTS.md")
+    with pytest.raises(SystemExit, match=r"otca seed 0 was made with other settings .*optimizer\.lr: .* -> 0\.123"):
+        main(["--report-only", "--reuse", str(single), str(other_path), "--results", out])
+    assert settings_difference(run["settings"], other["settings"]) == [
+        f"optimizer.lr: {run['settings']['optimizer']['lr']!r} -> 0.123"]
+    # an invocation that trains checks the reused runs against its own settings before it trains anything
+    with pytest.raises(SystemExit, match=r"train\.max_steps: 2 -> 1"):
+        main(["--quick", "--jobs", "1", "--schemes", "otca", "--set", "train.max_steps=2", "--reuse", str(single),
+              "--out", str(tmp_path / "b"), "--results", out])
+    assert not (tmp_path / "b").exists()
+
+    unrecorded = {k: v for k, v in {**run, "variant": "otca"}.items() if k not in ("settings", "settings_digest")}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([unrecorded]))
+    with pytest.raises(SystemExit, match="recorded without its settings.*--trust-unrecorded"):
+        main(["--report-only", "--reuse", str(single), str(old), "--results", out])
+    assert main(["--report-only", "--trust-unrecorded", "--reuse", str(single), str(old), "--results", out]) == 0
