@@ -329,6 +329,10 @@ class EvalConfig(_Section):
     save_clips: bool = Field(True, description="write GIF and MP4 clips under report/clips/")
     max_clips: PositiveInt = Field(4, description="clips written per evaluation")
     fps: PositiveInt = Field(8, description="frame rate of the written clips")
+    sheet_rows: NonNegativeInt = Field(
+        0, description="report/exam_sheet.png at every evaluation: base vs current clips from the same noise for the "
+                       "held-out prompts whose headline eval metric changed most, this many rows (0 = off; keeps "
+                       "three frames of every evaluation clip in memory; single-process runs)")
     metrics: list[MetricSpec] = Field(
         default_factory=list, description="held-out metrics never trained on, logged as eval/metric/<name>: list of "
                                           "{name, options} (a reward, an eval-only metric or 'pkg.module:callable')")

@@ -152,6 +152,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.trainable, cfg.optimizer)
         self.ema = build_ema(self.trainable, cfg.train.ema)
         self.held_out = self._setup_held_out()
+        if cfg.eval.sheet_rows and self.dist.world_size > 1:
+            self._warn("eval.sheet_rows: report/exam_sheet.png is drawn by single-process runs only (each rank "
+                       "keeps its own share of the clips); judge the run with `python -m otca_fast.judge RUN "
+                       "--sheet FILE.png` instead")
         self.credit_config = cfg.credit_config()
         self.generators = {  # the random streams of the loop (all saved in checkpoints)
             "noise": torch.Generator(device=self.device).manual_seed(stream_seed(cfg.run.seed, "noise")),
@@ -194,7 +198,10 @@ class Trainer:
             sigmas=self.backbone.sigmas(c.num_steps or s.num_steps).detach().to("cpu", torch.float64),
             latent_dtype=self.latent_dtype, batch_size=s.batch_size, negative_prompt=s.negative_prompt,
             guidance_scale=c.guidance_scale if c.guidance_scale is not None else s.guidance_scale,
-            rewards=self.rewards, metrics=self.eval_metrics, keep_frames=c.max_clips if c.save_clips else 0)
+            rewards=self.rewards, metrics=self.eval_metrics,
+            # the exam sheet needs every clip (a few frames of each), the written clips the first max_clips
+            keep_frames=(len(self.eval_prompts) * c.samples_per_prompt if c.sheet_rows
+                         else c.max_clips if c.save_clips else 0))
 
     def _warn(self, message: str) -> None:
         from rich.markup import escape
@@ -695,12 +702,43 @@ class Trainer:
             for alarm in alarms:
                 self.progress.print(f"warning: {alarm.message()}")
         self.metrics.log(step, record)
-        for i, frames in enumerate(clips):
+        for i, frames in enumerate(clips[:cfg.eval.max_clips] if cfg.eval.save_clips else []):
             paths = report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
             self.metrics.add_clip(f"eval/clip_{i:02d}", paths, step, fps=cfg.eval.fps)
+        if cfg.eval.sheet_rows and self.dist.world_size == 1 and clips:
+            self._write_exam_sheet(step, evaluation, torch.stack([c.float() for c in clips]))
         if self.dist.is_main:  # last: its presence says the evaluation is complete (a resume runs it again if not)
             evaluation.save(self._evaluation_file(step))
         return record
+
+    def _write_exam_sheet(self, step: int, evaluation: Evaluation, clips: torch.Tensor) -> None:
+        """``report/exam_sheet.png``: the first evaluation's clips beside this one's, from the same noise, for the
+        ``eval.sheet_rows`` prompts whose headline eval metric changed most (``judge.write_contact_sheet``). The
+        first evaluation's frames are kept in ``report/eval/sheet_base_frames.pt`` (uint8), so a resumed run
+        draws the same sheet."""
+        from otca_fast.judge import write_contact_sheet
+
+        num_frames = clips.shape[1]
+        shown = sorted({0, num_frames // 2, num_frames - 1})
+        frames = (clips[:, shown].clamp(0, 1) * 255).round().to(torch.uint8)   # [R, 3, C, H, W]
+        base_file = self.report_dir / "eval" / "sheet_base_frames.pt"
+        if evaluation is self.base_evaluation:
+            base_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(frames, base_file)
+            return
+        if not base_file.is_file():
+            self._warn(f"eval.sheet_rows: no frames of the first evaluation in {base_file} (a run started before "
+                       f"the sheet existed?), so report/exam_sheet.png is not drawn")
+            return
+        base_frames = torch.load(base_file, weights_only=True)
+        if base_frames.shape != frames.shape:
+            raise TrainingError(f"eval.sheet_rows: {base_file} holds frames {tuple(base_frames.shape)}, expected "
+                                f"{tuple(frames.shape)} like this evaluation's (was eval changed on resume?)")
+        result = {"run": self.output_dir.name, "step": step, "base": self.base_evaluation, "trained": evaluation,
+                  "changes": self.last_changes, "samples_per_prompt": evaluation.samples_per_prompt,
+                  "clips": {"base": base_frames.float() / 255, "trained": frames.float() / 255}}
+        write_contact_sheet(result, self.report_dir / "exam_sheet.png", rows=min(self.cfg.eval.sheet_rows,
+                                                                                 len(evaluation.prompts)))
 
     def metric_keys(self) -> list[str]:
         """The ``metric/…`` keys the evaluations log (each part of a multi-part metric separately)."""

@@ -468,3 +468,39 @@ def test_tail_matching_runs_resumes_exactly_and_needs_an_ode_tail(tmp_path, monk
     for sde in ({"sample.sde.mode": "all"}, {"sample.sde.fraction": 1.0}):
         with pytest.raises(ConfigError, match="train.tail_matching: the SDE covers every denoising step"):
             cfg_of(tmp_path / "all", **{**TAIL, **sde})
+
+
+def test_exam_sheet_shows_base_and_current_clips_from_the_same_noise(tmp_path, monkeypatch):
+    """eval.sheet_rows: every evaluation after the first draws report/exam_sheet.png from the first evaluation's
+    frames (kept on disk, so a resumed run draws it too) and this one's; the written clips stay max_clips."""
+    from otca_fast import judge
+
+    out = tmp_path / "sheet"
+    extra = {"eval.every": 1, "eval.sheet_rows": 2, "eval.samples_per_prompt": 2, "train.max_steps": 2}
+    drawn = []
+    real = judge.write_contact_sheet
+
+    def spy(result, path, **kwargs):
+        drawn.append((result, kwargs))
+        return real(result, path, **kwargs)
+
+    monkeypatch.setattr(judge, "write_contact_sheet", spy)
+    assert main([str(TINY), *small(out, **extra)]) == 0
+    report = out / "report"
+    assert (report / "exam_sheet.png").stat().st_size > 0
+    base = torch.load(report / "eval" / "sheet_base_frames.pt", weights_only=True)
+    assert base.dtype == torch.uint8 and base.shape == (2 * 2, 3, 3, 16, 16)   # 2 prompts x 2 clips, 3 frames
+    assert sorted(p.name for p in (report / "clips").iterdir() if p.suffix == ".gif") == [
+        f"step_{s:06d}_00.gif" for s in (0, 1, 2)]                                 # eval.max_clips: 1
+    assert [r["step"] for r, _ in drawn] == [1, 2] and drawn[-1][1]["rows"] == 2
+    result = drawn[-1][0]
+    assert torch.equal((result["clips"]["base"] * 255).round().to(torch.uint8), base)
+    assert result["clips"]["trained"].shape == base.shape and result["base"].step == 0
+    assert result["trained"].step == 2 and set(result["changes"]) == set(result["base"].values)
+
+    # resumed after step 1 (the base evaluation is not sampled again): the sheet is drawn from the kept frames
+    (report / "exam_sheet.png").unlink()
+    drawn.clear()
+    assert main([str(TINY), *small(out, **{**extra, "train.max_steps": 3}), "--resume"]) == 0
+    assert [r["step"] for r, _ in drawn] == [3] and (report / "exam_sheet.png").is_file()
+    assert torch.equal((drawn[0][0]["clips"]["base"] * 255).round().to(torch.uint8), base)
