@@ -21,6 +21,10 @@ Two tables, written as a section of ``bench/RESULTS.md`` (other sections are kep
   invocation) until the all-correct rate first reaches what ``uniform`` reaches at the end of the budget,
   as a ratio to ``uniform``'s whole budget, with its interval over the seeds that reached it.
 
+Beside the first table, **trading one objective for another** (what OTCA's MOCA is meant to guard
+against): per variant, the share of held-out prompts on which one trained reward (or one exam verdict)
+rose by more than 0.05 while another fell by more than 0.05, with its paired difference from ``uniform``.
+
 ``--quick`` (CI): every variant, one seed, one training step of 2 prompts x 2 samples, 2 denoising
 steps, 4 held-out prompts; it checks that everything runs end to end, not which variant wins.
 """
@@ -39,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference",
-           "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES",
-           "EXAM_KEYS", "HEADLINE", "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme",
+__all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference", "trade_share", "TRADE_KINDS",
+           "TRADE_THRESHOLD", "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS",
+           "OBJECTIVES", "EXAM_KEYS", "HEADLINE", "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme",
            "summarise", "time_to_target", "write_results", "merge_section", "plot_results", "main"]
 
 SCHEMES: tuple[str, ...] = ("uniform", "dance", "tempflow", "window", "coca", "otca", "otca_timing")
@@ -245,6 +249,31 @@ def _keys(runs: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in (*EXAM_KEYS, *(f"reward/{o}" for o in OBJECTIVES)) if k in values]
 
 
+TRADE_THRESHOLD = 0.05
+TRADE_KINDS: tuple[str, ...] = ("rewards", "exam")
+
+
+def trade_share(run: dict[str, Any], kind: str, threshold: float = TRADE_THRESHOLD) -> float:
+    """The share of held-out prompts on which the run traded one objective for another: between the base (step
+    0) and the end, one of them rose by more than ``threshold`` while another fell by more than it (per prompt,
+    the mean over its clips, from the same evaluation noise). ``kind``: the trained rewards (what MOCA's min-norm
+    mix balances) or the exam's verdicts (all_correct excluded: it is their conjunction). MOCA is meant as a guard
+    against exactly this; a lower share is what it should buy."""
+    if kind not in TRADE_KINDS:
+        raise ValueError(f"kind: expected one of {TRADE_KINDS}, got {kind!r}")
+    base, final = run["evaluations"][0]["values"], run["evaluations"][-1]["values"]
+    keys = ([f"reward/{o}" for o in OBJECTIVES] if kind == "rewards" else [k for k in EXAM_KEYS if k != HEADLINE])
+    keys = [k for k in keys if k in base]
+    if len(keys) < 2:
+        return 0.0
+    prompts = len(base[keys[0]])
+    traded = 0
+    for p in range(prompts):
+        change = [final[k][p] - base[k][p] for k in keys]
+        traded += max(change) > threshold and min(change) < -threshold
+    return traded / prompts
+
+
 def summarise(runs: Sequence[dict[str, Any]], *, level: float = 0.9,
               reference: str = "uniform") -> list[dict[str, Any]]:
     """One row per variant: per key the mean and std over seeds of the gain over the base, and the paired
@@ -265,6 +294,12 @@ def summarise(runs: Sequence[dict[str, Any]], *, level: float = 0.9,
             paired = [_gain(run, key) - _gain(ref[s], key) for s, run in seeds.items() if s in ref]
             row["vs_reference"][key] = (t_interval(paired, level=level)
                                         if paired and variant != reference else None)
+        row["trades"] = {}
+        for kind in TRADE_KINDS:
+            shares = [trade_share(run, kind) for run in seeds.values()]
+            paired = [trade_share(run, kind) - trade_share(ref[s], kind) for s, run in seeds.items() if s in ref]
+            row["trades"][kind] = (_mean(shares), statistics.stdev(shares) if len(shares) > 1 else 0.0,
+                                   t_interval(paired, level=level) if paired and variant != reference else None)
         row["train_seconds"] = _mean([run["train_seconds"] for run in seeds.values()])
         rows.append(row)
     return rows
@@ -350,6 +385,21 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(_fmt_gain(r["gain"][k]) for k in keys)
                      + f" | {_fmt_interval(r['vs_reference'].get(HEADLINE))} |")
     lines += ["", *_verdict(rows), ""]
+    lines += ["### Trading one objective for another (what MOCA is meant to prevent)", "",
+              f"Share of held-out prompts on which, from the base to the end of training, one objective rose by more "
+              f"than {TRADE_THRESHOLD} while another fell by more than {TRADE_THRESHOLD} (per prompt, the mean over "
+              f"its clips, same noise): among the trained rewards, and among the exam's verdicts. Mean ± std over "
+              f"seeds, and the paired difference from `uniform` ({level} % interval; lower is better).", "",
+              "| variant | seeds | reward trades | − uniform | exam trades | − uniform |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if VARIANTS.get(r["variant"], Variant("", "")).table != "credit":
+            continue
+        cells = []
+        for kind in TRADE_KINDS:
+            mean, std, diff = r["trades"][kind]
+            cells += [f"{mean:.3f} ± {std:.3f}", _fmt_interval(diff)]
+        lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines.append("")
     if compute:
         lines += ["### Credit that saves compute", "",
                   "Training time (sum of `time/step_s`, evaluations excluded) until the all-correct rate first "

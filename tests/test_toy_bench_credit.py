@@ -36,6 +36,7 @@ def test_quick_benchmark_trains_each_variant_and_writes_both_tables(tmp_path, jo
     assert text.startswith("# Benchmark results") and "keep me" in text and SECTION_HEADING in text
     assert all(f"| {v} | 1 |" in text for v in variants)
     assert "### Which credit makes better clips" in text and "### Credit that saves compute" in text
+    assert "### Trading one objective for another" in text
     assert (tmp_path / "credit_benchmark.png").stat().st_size > 0
     runs = json.loads((tmp_path / "credit_benchmark.json").read_text())
     assert [r["variant"] for r in runs] == variants
@@ -95,6 +96,35 @@ def test_summary_pairs_each_variant_with_uniform_by_seed():
     assert diff.mean == pytest.approx(0.05) and diff.lo == pytest.approx(0.05) and diff.above_zero
     assert rows["otca"]["gain"][HEADLINE][0] == pytest.approx(0.25)  # gains 0.15, 0.25, 0.35
     assert rows["otca"]["gain"][HEADLINE][1] == pytest.approx(0.1)
+
+
+def _trading_run(variant, seed, alignment, quality, shape=(0.0,) * 4, size=(0.0,) * 4):
+    """A synthetic run of 4 held-out prompts whose per-prompt changes are given (base 0.5 everywhere)."""
+    keys = {"reward/shapes_alignment": alignment, "reward/shapes_quality": quality,
+            "metric/shapes_exam/shape": shape, "metric/shapes_exam/size": size}
+    base = {k: [0.5] * 4 for k in keys} | {HEADLINE: [0.5] * 4}
+    final = {k: [0.5 + c for c in v] for k, v in keys.items()} | {HEADLINE: [0.9] * 4}
+    return {"variant": variant, "seed": seed, "steps": 1, "train_seconds": 1.0,
+            "evaluations": [{"step": 0, "train_seconds": 0.0, "values": base},
+                            {"step": 1, "train_seconds": 1.0, "values": final}]}
+
+
+def test_trade_share_counts_prompts_where_one_objective_was_bought_with_another():
+    from otca_fast.bench_credit import trade_share
+
+    # prompt 0 trades (+0.1 / −0.1); 1 gains both; 2 loses too little to count (−0.03); 3 does not move
+    run = _trading_run("uniform", 0, (0.1, 0.1, 0.1, 0.0), (-0.1, 0.1, -0.03, 0.0),
+                       shape=(0.25, 0.25, 0.25, 0.0), size=(-0.25, -0.25, 0.0, 0.0))
+    assert trade_share(run, "rewards") == 0.25
+    assert trade_share(run, "exam") == 0.5          # all_correct (their conjunction) is not one of them
+    with pytest.raises(ValueError, match="kind"):
+        trade_share(run, "both")
+    runs = [run, _trading_run("uniform", 1, (0.1,) * 4, (-0.1,) * 4),
+            _trading_run("otca λ=0", 0, (0.1,) * 4, (0.1,) * 4), _trading_run("otca λ=0", 1, (0.1,) * 4, (0.0,) * 4)]
+    rows = {r["variant"]: r for r in summarise(runs)}
+    mean, _, diff = rows["otca λ=0"]["trades"]["rewards"]
+    assert mean == 0.0 and diff.mean == pytest.approx(-(0.25 + 1.0) / 2) and rows["uniform"]["trades"]["rewards"][2] \
+        is None
 
 
 def test_time_to_target_and_the_compute_ratio():
