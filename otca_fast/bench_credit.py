@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference", "trade_share", "TRADE_KINDS",
-           "TRADE_THRESHOLD", "Variant", "VARIANTS", "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS",
-           "OBJECTIVES", "EXAM_KEYS", "HEADLINE", "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme",
-           "summarise", "time_to_target", "write_results", "merge_section", "plot_results", "main"]
+           "TRADE_THRESHOLD", "record_run", "collect_run", "run_directory_name", "Variant", "VARIANTS",
+           "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES", "EXAM_KEYS", "HEADLINE",
+           "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme", "summarise", "time_to_target",
+           "write_results", "merge_section", "plot_results", "main"]
 
 SCHEMES: tuple[str, ...] = ("uniform", "dance", "tempflow", "window", "coca", "otca", "otca_timing")
 ABLATIONS: tuple[str, ...] = ("tcd_only", "moca_only")
@@ -157,13 +158,26 @@ def shared_settings(*, base_config: str | Path = _DEFAULT_CONFIG, overrides: Seq
     from otca_fast.toy.model import ASSETS_DIR, WEIGHTS_FILE
 
     cfg = bench_config("uniform", 0, "_", base_config=base_config, overrides=overrides, quick=quick)
-    data = cfg.model_dump(mode="json")
-    data["run"].pop("output_dir", None)
-    data["run"].pop("seed", None)
+    data = _comparable_config(cfg)
     data.pop("credit", None)
     files = [ASSETS_DIR / WEIGHTS_FILE] if cfg.model.path is None and not cfg.model.tiny else []
     files += [Path(f) for f in (cfg.data.prompt_file, cfg.data.eval_prompt_file) if f]
     data["file_sha256"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files}
+    return data
+
+
+# what changes how a run is shown or stored, never what it trains or measures: left out of the settings compared
+_PRESENTATION_KEYS = (("run", "output_dir"), ("run", "seed"), ("run", "progress"), ("run", "log_every"),
+                      ("run", "tensorboard"), ("run", "plot_every"), ("run", "wandb"), ("eval", "save_clips"),
+                      ("eval", "max_clips"), ("eval", "fps"), ("eval", "sheet_rows"), ("train", "checkpoint_every"),
+                      ("train", "keep_checkpoints"))
+
+
+def _comparable_config(cfg) -> dict[str, Any]:
+    """A config as plain data without its presentation keys (output directory, seed, logging, clips)."""
+    data = cfg.model_dump(mode="json")
+    for section, key in _PRESENTATION_KEYS:
+        data.get(section, {}).pop(key, None)
     return data
 
 
@@ -200,34 +214,70 @@ def run_scheme(scheme: str, seed: int, output_dir: str | Path, **config_kwargs: 
     """Train one (variant, seed); return every evaluation's per-prompt means and the training time at it."""
     from rich.console import Console
 
-    from otca_fast import report
-    from otca_fast.evaluation import Evaluation
     from otca_fast.trainer import Trainer
 
     cfg = bench_config(scheme, seed, output_dir, **config_kwargs)
     start = time.perf_counter()
     with Trainer(cfg, console=Console(stderr=True, quiet=True)) as trainer:
         trainer.train()
-        metrics_path = trainer.metrics.path
-    wall = time.perf_counter() - start
-    records = report.read_metrics(metrics_path)
+    return record_run(scheme, seed, output_dir, wall_seconds=time.perf_counter() - start, **config_kwargs)
+
+
+def record_run(scheme: str, seed: int, output_dir: str | Path, *, wall_seconds: float | None = None,
+               **config_kwargs: Any) -> dict[str, Any]:
+    """The benchmark's record of a finished run of (variant, seed) in ``output_dir`` (its evaluations' per-prompt
+    means, training times, the shared settings), also written to ``output_dir/bench_result.json``. The run's
+    ``config.yaml`` must be the one this invocation would train (``config_kwargs``), presentation keys aside."""
+    from otca_fast import report
+    from otca_fast.config import load_config
+    from otca_fast.evaluation import Evaluation
+
+    out = Path(output_dir)
+    cfg = bench_config(scheme, seed, out, **config_kwargs)
+    if not (out / "config.yaml").is_file():
+        raise RuntimeError(f"{scheme} seed {seed}: {out} holds no config.yaml (not a run directory)")
+    made = load_config(out / "config.yaml")
+    diff = settings_difference(_comparable_config(cfg), _comparable_config(made))
+    if diff:
+        raise RuntimeError(f"{scheme} seed {seed}: {out} was trained with other settings than this invocation's "
+                           f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''})")
+    records = report.read_metrics(out / "metrics.jsonl")
     step_seconds = {int(r["step"]): float(r["time/step_s"]) for r in records if "time/step_s" in r}
     evaluations = []
-    for path in sorted((Path(output_dir) / "report" / "eval").glob("step_*.json")):
+    for path in sorted((out / "report" / "eval").glob("step_*.json")):
         ev = Evaluation.load(path)
         evaluations.append({
             "step": ev.step, "train_seconds": sum(v for s, v in step_seconds.items() if s <= ev.step),
             "values": {k: v.double().mean(1).tolist() for k, v in ev.values.items()}})
-    if len(evaluations) < 2 or evaluations[0]["step"] != 0:
-        raise RuntimeError(f"{scheme} seed {seed}: expected evaluations at the start and the end under "
-                           f"{output_dir}/report/eval, got steps {[e['step'] for e in evaluations]}")
+    if len(evaluations) < 2 or evaluations[0]["step"] != 0 or evaluations[-1]["step"] != cfg.train.max_steps:
+        got = [e["step"] for e in evaluations]
+        raise RuntimeError(f"{scheme} seed {seed}: expected evaluations at the start and at step "
+                           f"{cfg.train.max_steps} under {out}/report/eval, got steps {got}")
     settings = shared_settings(**config_kwargs)
     record = {"variant": scheme, "scheme": cfg.credit.scheme, "seed": seed, "steps": cfg.train.max_steps,
-              "wall_seconds": wall, "train_seconds": sum(step_seconds.values()), "evaluations": evaluations,
+              "wall_seconds": wall_seconds, "train_seconds": sum(step_seconds.values()), "evaluations": evaluations,
               "settings_digest": settings_digest(settings), "settings": settings}
     # the run's record beside its metrics: a benchmark stopped half-way keeps what it measured (--reuse)
-    (Path(output_dir) / "bench_result.json").write_text(json.dumps(record) + "\n")
+    (out / "bench_result.json").write_text(json.dumps(record) + "\n")
     return record
+
+
+def run_directory_name(scheme: str, seed: int) -> str:
+    """The directory a run of (variant, seed) trains in, under ``--out``."""
+    return f"{scheme.replace(' ', '_').replace('=', '')}_seed{seed}"
+
+
+def collect_run(run_dir: str | Path, **config_kwargs: Any) -> dict[str, Any]:
+    """:func:`record_run` for a run directory named by :func:`run_directory_name` (the variant and seed are read
+    from its name): a run whose benchmark process stopped after it trained but before it was recorded."""
+    path = Path(run_dir)
+    for scheme in VARIANTS:
+        prefix = run_directory_name(scheme, 0)[:-1]
+        seed_text = path.name[len(prefix):]
+        if path.name.startswith(prefix) and seed_text.isdigit():
+            return record_run(scheme, int(seed_text), path, **config_kwargs)
+    raise SystemExit(f"--collect {path}: not a benchmark run directory (expected <variant>_seed<N>, e.g. "
+                     f"{run_directory_name('uniform', 0)})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -576,6 +626,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-unrecorded", action="store_true",
                    help="join --reuse runs recorded without their settings (made before runs kept them); by "
                         "default they are refused, since nothing shows they share this invocation's settings")
+    p.add_argument("--collect", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                   help="record run directories that finished training but whose benchmark process stopped before "
+                        "writing their bench_result.json (checked against this invocation's --config, --set and "
+                        "--quick), then exit; join them with --reuse RUN_DIR/bench_result.json")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables from the --reuse runs alone (a benchmark run in chunks)")
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary directory)")
@@ -630,6 +684,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
+    if args.collect:
+        for run_dir in args.collect:
+            try:
+                run = collect_run(run_dir, base_config=args.config, overrides=args.overrides, quick=args.quick)
+            except RuntimeError as e:
+                raise SystemExit(f"--collect {run_dir}: {e}") from None
+            print(f"{run['variant']} seed {run['seed']}: all-correct {_gain(run, HEADLINE):+.3f}; wrote "
+                  f"{Path(run_dir) / 'bench_result.json'}", flush=True)
+        return 0
     expected = None if args.report_only else shared_settings(base_config=args.config, overrides=args.overrides,
                                                                  quick=args.quick)
     reused = read_runs(args.reuse, expected=expected, trust_unrecorded=args.trust_unrecorded) if args.reuse else []
@@ -642,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="otca_bench_credit_") as scratch:
         out = args.out or Path(scratch)
         results = args.results or (Path(scratch) / "RESULTS.md" if args.quick else _REPO / "bench" / "RESULTS.md")
-        jobs = [] if args.report_only else [(name, seed, out / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}")
+        jobs = [] if args.report_only else [(name, seed, out / run_directory_name(name, seed))
                                             for name in names for seed in seeds]
         runs = _train_all(jobs, args.jobs, dict(base_config=args.config, overrides=args.overrides,
                                                  quick=args.quick)) if jobs else []

@@ -213,6 +213,15 @@ def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
               "--out", str(tmp_path / "b"), "--results", out])
     assert not (tmp_path / "b").exists()
 
+    # --collect records a finished run directory whose benchmark process stopped before recording it
+    single.unlink()
+    assert main(["--quick", "--collect", str(single.parent)]) == 0
+    assert json.loads(single.read_text()) == {**run, "wall_seconds": None}
+    with pytest.raises(SystemExit, match=r"--collect .*trained with other settings .*optimizer\.lr: 0\.5 -> "):
+        main(["--quick", "--set", "optimizer.lr=0.5", "--collect", str(single.parent)])
+    with pytest.raises(SystemExit, match="not a benchmark run directory"):
+        main(["--quick", "--collect", str(tmp_path / "a")])
+
     unrecorded = {k: v for k, v in {**run, "variant": "otca"}.items() if k not in ("settings", "settings_digest")}
     old = tmp_path / "old.json"
     old.write_text(json.dumps([unrecorded]))
