@@ -173,19 +173,24 @@ _PRESENTATION_KEYS = (("run", "output_dir"), ("run", "seed"), ("run", "progress"
                       ("train", "keep_checkpoints"))
 
 
-def _comparable_config(cfg) -> dict[str, Any]:
-    """A config as plain data without its presentation keys (output directory, seed, logging, clips)."""
-    data = cfg.model_dump(mode="json")
+def _without_presentation(data: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))
     for section, key in _PRESENTATION_KEYS:
         data.get(section, {}).pop(key, None)
     return data
 
 
+def _comparable_config(cfg) -> dict[str, Any]:
+    """A config as plain data without its presentation keys (output directory, seed, logging, clips)."""
+    return _without_presentation(cfg.model_dump(mode="json"))
+
+
 def settings_digest(settings: dict[str, Any]) -> str:
-    """A short digest of :func:`shared_settings` (equal settings, equal digest)."""
+    """A short digest of :func:`shared_settings` (equal settings, equal digest; presentation keys, which records
+    of earlier versions kept, are left out)."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_without_presentation(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -199,7 +204,7 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def settings_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """``key: a -> b`` for every setting that differs between two :func:`shared_settings`."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = _flat(_without_presentation(a)), _flat(_without_presentation(b))
     return [f"{k}: {fa.get(k, '(absent)')!r} -> {fb.get(k, '(absent)')!r}" for k in sorted(set(fa) | set(fb))
             if fa.get(k, "(absent)") != fb.get(k, "(absent)")]
 
