@@ -177,6 +177,10 @@ def _without_presentation(data: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(data))
     for section, key in _PRESENTATION_KEYS:
         data.get(section, {}).pop(key, None)
+    # the prompt files by name: where the checkout lies does not matter (their contents' digests are compared)
+    for key in ("prompt_file", "eval_prompt_file"):
+        if data.get("data", {}).get(key):
+            data["data"][key] = Path(data["data"][key]).name
     return data
 
 

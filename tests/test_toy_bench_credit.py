@@ -205,6 +205,10 @@ def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
     out = str(tmp_path / "x" / "RESULTS.md")
     with pytest.raises(SystemExit, match=r"otca seed 0 was made with other settings .*optimizer\.lr: .* -> 0\.123"):
         main(["--report-only", "--reuse", str(single), str(other_path), "--results", out])
+    moved = json.loads(json.dumps(run["settings"]))   # the same files in another checkout
+    moved["data"]["prompt_file"] = "/elsewhere/otca_fast/toy/assets/" + moved["data"]["prompt_file"].split("/")[-1]
+    moved["eval"]["sheet_rows"] = 3                     # presentation only
+    assert settings_difference(run["settings"], moved) == []
     assert settings_difference(run["settings"], other["settings"]) == [
         f"optimizer.lr: {run['settings']['optimizer']['lr']!r} -> 0.123"]
     # an invocation that trains checks the reused runs against its own settings before it trains anything
