@@ -6,6 +6,7 @@ file stays within its share of the CI budget.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -119,6 +120,23 @@ def _comparable(recs: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
 
 
+@contextlib.contextmanager
+def _interrupted_at(monkeypatch, at_step: int):
+    """Within the block, Ctrl-C arrives in the middle of step ``at_step``'s update."""
+    real_update = Trainer.update
+
+    def interrupted(self, step, *args, **kwargs):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real_update(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "update", interrupted)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Trainer, "update", real_update)
+
+
 def test_resume_after_an_interruption_is_bitwise_identical(tmp_path, monkeypatch, capsys):
     extra = {"train.max_steps": 4, "train.checkpoint_every": 2, "eval.every": 2, "train.ema.update_every": 1}
     full = tmp_path / "full"
@@ -126,17 +144,9 @@ def test_resume_after_an_interruption_is_bitwise_identical(tmp_path, monkeypatch
 
     # the same run, interrupted (Ctrl-C) in the middle of step 3's update, after step 2's checkpoint
     part = tmp_path / "part"
-    real_update = Trainer.update
-
-    def interrupted(self, step, *args, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_update(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "update", interrupted)
-    assert main([str(TINY), *small(part, **extra)]) == 130
+    with _interrupted_at(monkeypatch, 3):
+        assert main([str(TINY), *small(part, **extra)]) == 130
     assert "continue with --resume" in capsys.readouterr().err
-    monkeypatch.setattr(Trainer, "update", real_update)
     assert [s for s, _ in ckpt.list_checkpoints(part)] == [2]
     # without --resume an existing run is never overwritten
     assert main([str(TINY), *small(part, **extra)]) == 2
@@ -445,16 +455,8 @@ def test_tail_matching_runs_resumes_exactly_and_needs_an_ode_tail(tmp_path, monk
     assert all(r["tail_matching_loss"] > 0 and r["ratio_mean"] == 1.0 for r in recs)
 
     part = tmp_path / "part"
-    real_update = Trainer.update
-
-    def interrupted(self, step, *args, **kwargs):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_update(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "update", interrupted)
-    assert main([str(TINY), *small(part, **extra)]) == 130
-    monkeypatch.setattr(Trainer, "update", real_update)
+    with _interrupted_at(monkeypatch, 3):
+        assert main([str(TINY), *small(part, **extra)]) == 130
     assert main([str(TINY), *small(part, **extra), "--resume"]) == 0
     assert_same_state(ckpt.load_checkpoint(full / "checkpoints" / "step_00000003"),
                       ckpt.load_checkpoint(part / "checkpoints" / "step_00000003"))
