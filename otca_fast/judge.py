@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ import torch
 from otca_fast.devices import DTYPES, resolve_device
 from otca_fast.evaluation import Evaluation, compare, evaluation_noise, evaluation_rows, sample_and_score
 
-__all__ = ["judge_run", "format_table", "headline_key", "write_contact_sheet", "main"]
+__all__ = ["judge_run", "format_table", "headline_key", "write_contact_sheet", "write_exam_sheet", "main"]
 
 
 def _load_policies(cfg, checkpoint: Path, device: torch.device, weights: str) -> list[tuple[str, object, object]]:
@@ -180,10 +180,13 @@ def headline_key(result: dict) -> str:
 
 
 def write_contact_sheet(result: dict, path: str | Path, *, key: str | None = None, rows: int = 12,
-                        frames: Sequence[int] | None = None) -> list[str]:
+                        frames: Sequence[int] | None = None,
+                        frame_numbers: Sequence[int] | None = None) -> list[str]:
     """A PNG a person can read: for the ``rows`` prompts whose ``key`` changed most (either way), the first
     seed's first clip of the base and of the trained policy from the same noise, a few frames each, titled with
-    both clips' scores. Returns the prompts shown, in order. Needs ``judge_run(..., keep_clips=True)``."""
+    both clips' scores. Returns the prompts shown, in order. Needs ``judge_run(..., keep_clips=True)``.
+    ``frame_numbers``: the clips' frames' numbers in the original clip, when the clips hold a subset of them
+    (the title names the frames shown by these numbers)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -215,12 +218,49 @@ def write_contact_sheet(result: dict, path: str | Path, *, key: str | None = Non
         axes[r, 0].set_ylabel(base.prompts[p].replace(" moving ", "\nmoving ").replace(" on a ", "\non a "),
                               fontsize=6, rotation=0, ha="right", va="center")
     fig.suptitle(f"{result['run']}, step {result['step']}: the {len(order)} prompts whose {key} changed most\n"
-                 f"base (left) and trained (right) from the same noise, frames {shown}; titles: this clip's score",
+                 f"base (left) and trained (right) from the same noise, frames "
+                 f"{[frame_numbers[f] for f in shown] if frame_numbers is not None else shown}; titles: this "
+                 f"clip's score",
                  fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [base.prompts[p] for p in order]
+
+
+def write_exam_sheet(report_dir: Path, run_name: str, base: Evaluation, evaluation: Evaluation,
+                     changes: dict, clips: torch.Tensor, *, rows: int,
+                     warn: Callable[[str], None]) -> Path | None:
+    """``report_dir/exam_sheet.png`` (``eval.sheet_rows``): the first evaluation's clips beside this one's, from the
+    same noise, for the ``rows`` prompts whose headline eval metric changed most (``judge.write_contact_sheet``).
+
+    ``clips [R, F, C, H, W]`` are this evaluation's, every row. Three frames of each are kept (uint8): the first
+    evaluation's in ``report_dir/eval/sheet_base_frames.pt``, so a resumed run draws the same sheet. At the
+    first evaluation (``evaluation is base``) only those frames are written. Returns the sheet's path."""
+    from otca_fast.errors import TrainingError
+
+    num_frames = clips.shape[1]
+    shown = sorted({0, num_frames // 2, num_frames - 1})
+    frames = (clips[:, shown].clamp(0, 1) * 255).round().to(torch.uint8)   # [R, 3, C, H, W]
+    base_file = Path(report_dir) / "eval" / "sheet_base_frames.pt"
+    if evaluation is base:
+        base_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(frames, base_file)
+        return None
+    if not base_file.is_file():
+        warn(f"eval.sheet_rows: no frames of the first evaluation in {base_file} (a run started before the sheet "
+             f"existed?), so report/exam_sheet.png is not drawn")
+        return None
+    base_frames = torch.load(base_file, weights_only=True)
+    if base_frames.shape != frames.shape:
+        raise TrainingError(f"eval.sheet_rows: {base_file} holds frames {tuple(base_frames.shape)}, expected "
+                            f"{tuple(frames.shape)} like this evaluation's (was eval changed on resume?)")
+    result = {"run": run_name, "step": evaluation.step, "base": base, "trained": evaluation, "changes": changes,
+              "samples_per_prompt": evaluation.samples_per_prompt,
+              "clips": {"base": base_frames.float() / 255, "trained": frames.float() / 255}}
+    path = Path(report_dir) / "exam_sheet.png"
+    write_contact_sheet(result, path, frame_numbers=shown, rows=min(rows, len(evaluation.prompts)))
+    return path
 
 
 def format_table(result: dict) -> str:

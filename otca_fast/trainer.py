@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from otca_fast import checkpoint as ckpt
-from otca_fast import distributed, ops, report, run_directory, runlock
+from otca_fast import distributed, ops, report, run_directory, runlock, tail_matching
 from otca_fast.buffer import trajectory_buffers
 from otca_fast.config import Config, ConfigError
 from otca_fast.credit.result import Credit, credit_summary
@@ -51,6 +51,7 @@ from otca_fast.devices import DTYPES, resolve_device
 from otca_fast.errors import TrainingError
 from otca_fast.evaluation import Evaluation, HeldOut, compare, hacking_alarms, metric_part_keys
 from otca_fast.finetuning import adapters_disabled, add_lora_adapters, build_ema, build_optimizer, setup_finetuning
+from otca_fast.judge import write_exam_sheet
 from otca_fast.lockstep import Lockstep
 from otca_fast.models.from_config import backbone_from_config, embed_prompts, latent_shape_from_config
 from otca_fast.preemption import StopRequested, StopSignals, announce_on_stderr
@@ -141,10 +142,7 @@ class Trainer:
         self.named_trainable = distributed.prepare_model(self.dist, cfg, self.transformer, self.ref_transformer,
                                                          finetuning.named_trainable)
         self.trainable = list(self.named_trainable.values())
-        if cfg.train.tail_matching.weight > 0 and self.dist.strategy == "fsdp":
-            raise ConfigError("train.tail_matching: not supported with distributed.strategy fsdp (its backward "
-                              "passes are collective and the term's rows differ per rank); use ddp, or "
-                              "tail_matching.weight: 0")
+        tail_matching.check_strategy(self.dist.strategy, cfg.train.tail_matching.weight)
         self.latent_shape = latent_shape_from_config(self.backbone, cfg.sample)
         self.sigmas = self.backbone.sigmas(cfg.sample.num_steps).detach().to("cpu", torch.float64)
         embed_prompts(self.backbone, self.prompts + self.eval_prompts + [cfg.sample.negative_prompt],
@@ -153,18 +151,16 @@ class Trainer:
         self.ema = build_ema(self.trainable, cfg.train.ema)
         self.held_out = self._setup_held_out()
         if cfg.eval.sheet_rows and self.dist.world_size > 1:
-            self._warn("eval.sheet_rows: report/exam_sheet.png is drawn by single-process runs only (each rank "
-                       "keeps its own share of the clips); judge the run with `python -m otca_fast.judge RUN "
-                       "--sheet FILE.png` instead")
+            self._warn("eval.sheet_rows: report/exam_sheet.png needs a single process (each rank keeps its own "
+                       "clips); use `python -m otca_fast.judge RUN --sheet FILE.png`")
         self.credit_config = cfg.credit_config()
         self.generators = {  # the random streams of the loop (all saved in checkpoints)
             "noise": torch.Generator(device=self.device).manual_seed(stream_seed(cfg.run.seed, "noise")),
             "schedule": torch.Generator().manual_seed(stream_seed(cfg.run.seed, "schedule")),
             "credit": torch.Generator().manual_seed(stream_seed(cfg.run.seed, "credit")),
         }
-        if cfg.train.tail_matching.weight > 0:  # its own stream, so switching it on changes no rollout's noise
-            self.generators["tail"] = torch.Generator(device=self.device).manual_seed(
-                stream_seed(cfg.run.seed, "tail"))
+        if cfg.train.tail_matching.weight > 0:  # its own stream: switching it on changes no rollout's noise
+            self.generators["tail"] = torch.Generator(device=self.device).manual_seed(stream_seed(cfg.run.seed, "tail"))
         c = cfg.credit  # x̂0 predictions: CoCA's credit, and TCD's with credit.source: x0_pred
         x0 = c.scheme == "coca" or (c.source == "x0_pred" and c.scheme in ("otca", "tcd_only", "otca_timing"))
         self.buffer, self.x0_buffer = trajectory_buffers(self.local_samples, cfg.sample.num_steps, self.latent_shape,
@@ -475,7 +471,10 @@ class Trainer:
         updates = [micro[i * len(micro) // k:(i + 1) * len(micro) // k] for i in range(k)] * tc.inner_epochs
         sums = dict.fromkeys(_LOSS_STATS, 0.0)
         totals = {"pairs": 0, "ratio_dev_max": 0.0, "grad_norms": [], "tail_loss": 0.0, "tail_rows": 0}
-        tail = self._tail_targets(rollout, credit) if tc.tail_matching.weight > 0 else None
+        tail = tail_matching.tail_targets(
+            credit.advantages, rollout.sde_mask, self.trainable_steps(rollout.sde_mask),
+            num_steps=self.cfg.sample.num_steps, adv_clip_max=clip, positive_only=tc.tail_matching.positive_only,
+            generator=self.generators["tail"], latent_shape=self.latent_shape) if tc.tail_matching.weight > 0 else None
         self.progress.phase("update", tc.inner_epochs * int(mine.valid.sum()))
         for chunk_rows in updates:
             # L_u = mean over this update's (sample, step) pairs of the per-step loss (on every rank)
@@ -508,62 +507,25 @@ class Trainer:
             out["tail_matching_loss"] = loss_sum / max(rows, 1.0)
         return out
 
-    def _tail_targets(self, rollout: Rollout, credit: Credit) -> dict[str, torch.Tensor]:
-        """What the tail-matching term needs for the whole batch (``train.tail_matching``): each sample's weight
-        (its advantage, the mean of A over the trainable steps, clipped like A; with ``positive_only``
-        max(A, 0)), the ODE steps after the SDE window whose noise levels it trains, and each sample's draw of
-        one of them and of its noise ε (drawn for all N rows in order, so several ranks draw what one process
-        would)."""
-        tc = self.cfg.train
-        trainable = self.trainable_steps(rollout.sde_mask)
-        clip = self.credit_config.adv_clip_max
-        a = credit.advantages[:, trainable].mean(1).clamp(-clip, clip)
-        if tc.tail_matching.positive_only:
-            a = a.clamp_min(0.0)
-        last_sde = int(rollout.sde_mask.nonzero().max()) if bool(rollout.sde_mask.any()) else -1
-        steps = torch.arange(last_sde + 1, self.cfg.sample.num_steps)  # σ_t > 0 for t < T
-        if steps.numel() == 0:
-            raise TrainingError("train.tail_matching: the SDE covers every denoising step, so there is no ODE "
-                                "tail to train (set sample.sde.mode: fraction or window, or tail_matching.weight: 0)")
-        gen, n = self.generators["tail"], credit.advantages.shape[0]
-        pick = torch.randint(steps.numel(), (n,), generator=gen, device=gen.device).cpu()
-        eps = torch.randn((n, *self.latent_shape), generator=gen, device=gen.device, dtype=torch.float32)
-        return {"weight": a, "steps": steps, "step": steps[pick], "eps": eps}
-
     def _tail_matching(self, step: int, rollout: Rollout, rows: slice, tail: dict[str, torch.Tensor],
                        update_rows: int, totals: dict[str, Any]) -> None:
-        """Backward of the advantage-weighted flow-matching loss of rows ``rows`` (this rank's) on the ODE tail.
-
-        For sample n with final clip x0_n, weight w_n, tail step t_n and noise ε_n (``_tail_targets``):
-        x = (1 − σ_t)·x0_n + σ_t·ε_n, L_n = mean((v_θ(x, σ_t) − (ε_n − x0_n))²), and the term is
-        ``tail_matching.weight`` · Σ_n w_n·L_n / (the update's samples), a mean over the update like the GRPO
-        loss. Rows of weight 0 are skipped (DDP averages the gradients after the backward passes; FSDP, whose
-        backward is collective, is refused at set-up)."""
-        cfg = self.cfg
+        """The tail-matching term's backward for this rank's rows ``rows`` (:mod:`otca_fast.tail_matching`),
+        scaled to the update's mean. Rows of weight 0 are skipped (DDP averages the gradients after the
+        backward passes; FSDP, whose backward is collective, is refused at set-up)."""
         local = torch.arange(rows.start, rows.stop)
-        glob = local + (rollout.rows.start or 0)
-        w = tail["weight"][glob]
-        keep = w != 0
+        keep = tail["weight"][local + (rollout.rows.start or 0)] != 0
         if not bool(keep.any()):
             return
-        ids, glob, w = local[keep], glob[keep], w[keep].to(self.device)
+        ids = local[keep]
         b = ids.numel()
-        x0 = self.buffer.gather(ids, torch.full((b,), cfg.sample.num_steps, dtype=torch.long)).float()
-        sigma = self.sigmas[tail["step"][glob]].to(device=self.device, dtype=torch.float32)
-        eps = tail["eps"][glob.to(tail["eps"].device)].to(self.device)
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        x = ((1 - s) * x0 + s * eps).to(self.latent_dtype)  # flow matching: x_σ = (1 − σ)·x0 + σ·ε, v* = ε − x0
+        x0 = self.buffer.gather(ids, torch.full((b,), self.cfg.sample.num_steps, dtype=torch.long))
         cond = rollout.cond.index(ids) if b != rows.stop - rows.start else rollout.cond.index(rows)
         uncond = rollout.uncond.index(slice(0, b)) if rollout.uncond is not None else None
-        v = self._velocity(x, sigma, cond, uncond).float()
-        per_sample = (v - (eps - x0)).square().flatten(1).mean(1)
-        if not bool(torch.isfinite(per_sample).all()):
-            bad = glob[~torch.isfinite(per_sample).cpu()].tolist()
-            raise NonFiniteError(f"step {step}: the tail-matching loss (train.tail_matching) of samples {bad} is "
-                                 f"not finite")
-        loss = cfg.train.tail_matching.weight * (w * per_sample).sum() * (self.dist.world_size / update_rows)
-        loss.backward()
-        totals["tail_loss"] += float(per_sample.detach().sum())
+        per_sample = tail_matching.tail_matching_backward(
+            lambda x, sigma: self._velocity(x, sigma, cond, uncond), x0, ids + (rollout.rows.start or 0), tail,
+            self.sigmas, scale=self.cfg.train.tail_matching.weight * self.dist.world_size / update_rows, step=step,
+            latent_dtype=self.latent_dtype)
+        totals["tail_loss"] += float(per_sample.sum())
         totals["tail_rows"] += b
 
     def _accumulate_chunk(self, step: int, rollout: Rollout, rows: slice, mine: TrainedSteps, adv: torch.Tensor,
@@ -706,39 +668,12 @@ class Trainer:
             paths = report.save_clip(frames, self.report_dir / "clips" / f"step_{step:06d}_{i:02d}", fps=cfg.eval.fps)
             self.metrics.add_clip(f"eval/clip_{i:02d}", paths, step, fps=cfg.eval.fps)
         if cfg.eval.sheet_rows and self.dist.world_size == 1 and clips:
-            self._write_exam_sheet(step, evaluation, torch.stack([c.float() for c in clips]))
+            write_exam_sheet(self.report_dir, self.output_dir.name, self.base_evaluation, evaluation,
+                             self.last_changes, torch.stack([c.float() for c in clips]), rows=cfg.eval.sheet_rows,
+                             warn=self._warn)
         if self.dist.is_main:  # last: its presence says the evaluation is complete (a resume runs it again if not)
             evaluation.save(self._evaluation_file(step))
         return record
-
-    def _write_exam_sheet(self, step: int, evaluation: Evaluation, clips: torch.Tensor) -> None:
-        """``report/exam_sheet.png``: the first evaluation's clips beside this one's, from the same noise, for the
-        ``eval.sheet_rows`` prompts whose headline eval metric changed most (``judge.write_contact_sheet``). The
-        first evaluation's frames are kept in ``report/eval/sheet_base_frames.pt`` (uint8), so a resumed run
-        draws the same sheet."""
-        from otca_fast.judge import write_contact_sheet
-
-        num_frames = clips.shape[1]
-        shown = sorted({0, num_frames // 2, num_frames - 1})
-        frames = (clips[:, shown].clamp(0, 1) * 255).round().to(torch.uint8)   # [R, 3, C, H, W]
-        base_file = self.report_dir / "eval" / "sheet_base_frames.pt"
-        if evaluation is self.base_evaluation:
-            base_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(frames, base_file)
-            return
-        if not base_file.is_file():
-            self._warn(f"eval.sheet_rows: no frames of the first evaluation in {base_file} (a run started before "
-                       f"the sheet existed?), so report/exam_sheet.png is not drawn")
-            return
-        base_frames = torch.load(base_file, weights_only=True)
-        if base_frames.shape != frames.shape:
-            raise TrainingError(f"eval.sheet_rows: {base_file} holds frames {tuple(base_frames.shape)}, expected "
-                                f"{tuple(frames.shape)} like this evaluation's (was eval changed on resume?)")
-        result = {"run": self.output_dir.name, "step": step, "base": self.base_evaluation, "trained": evaluation,
-                  "changes": self.last_changes, "samples_per_prompt": evaluation.samples_per_prompt,
-                  "clips": {"base": base_frames.float() / 255, "trained": frames.float() / 255}}
-        write_contact_sheet(result, self.report_dir / "exam_sheet.png", rows=min(self.cfg.eval.sheet_rows,
-                                                                                 len(evaluation.prompts)))
 
     def metric_keys(self) -> list[str]:
         """The ``metric/…`` keys the evaluations log (each part of a multi-part metric separately)."""

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from otca_fast import checkpoint as ckpt
 from otca_fast.config import ConfigError, load_config
 from otca_fast.rewards import build_reward
+from otca_fast.tail_matching import tail_targets
 from otca_fast.train import main
 from otca_fast.trainer import TIMING_KEYS, Trainer, TrainingError
 
@@ -408,7 +409,10 @@ def test_tail_matching_regresses_the_ode_tail_on_the_weighted_final_clips(tmp_pa
         group_ids = torch.arange(len(prompt_ids)).repeat_interleave(trainer.group_size)
         rollout = trainer.rollout(1, prompts)
         credit = trainer.compute_credit(1, rollout, group_ids)
-        tail = trainer._tail_targets(rollout, credit)
+        tail = tail_targets(credit.advantages, rollout.sde_mask, trainer.trainable_steps(rollout.sde_mask),
+                            num_steps=4, adv_clip_max=trainer.credit_config.adv_clip_max,
+                            positive_only=positive_only, generator=trainer.generators["tail"],
+                            latent_shape=trainer.latent_shape)
         # 4 denoising steps, SDE on the first 2: the tail is steps 2 and 3 (σ > 0 at both)
         assert rollout.sde_mask.tolist() == [True, True, False, False]
         assert tail["steps"].tolist() == [2, 3]
@@ -495,6 +499,7 @@ def test_exam_sheet_shows_base_and_current_clips_from_the_same_noise(tmp_path, m
     assert sorted(p.name for p in (report / "clips").iterdir() if p.suffix == ".gif") == [
         f"step_{s:06d}_00.gif" for s in (0, 1, 2)]                                 # eval.max_clips: 1
     assert [r["step"] for r, _ in drawn] == [1, 2] and drawn[-1][1]["rows"] == 2
+    assert drawn[-1][1]["frame_numbers"] == [0, 1, 2]                          # of 3 frames: all of them
     result = drawn[-1][0]
     assert torch.equal((result["clips"]["base"] * 255).round().to(torch.uint8), base)
     assert result["clips"]["trained"].shape == base.shape and result["base"].step == 0
