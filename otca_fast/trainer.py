@@ -196,7 +196,7 @@ class Trainer:
             guidance_scale=c.guidance_scale if c.guidance_scale is not None else s.guidance_scale,
             rewards=self.rewards, metrics=self.eval_metrics,
             # the exam sheet needs every clip (a few frames of each), the written clips the first max_clips
-            keep_frames=(len(self.eval_prompts) * c.samples_per_prompt if c.sheet_rows
+            keep_frames=(len(self.eval_prompts) * c.samples_per_prompt if c.sheet_rows and self.dist.world_size == 1
                          else c.max_clips if c.save_clips else 0))
 
     def _warn(self, message: str) -> None:
@@ -482,12 +482,11 @@ class Trainer:
             if pairs == 0:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
+            local_rows = sum(r.stop - r.start for r in chunk_rows)  # the same on every rank
             for rows in chunk_rows:
                 self._accumulate_chunk(step, rollout, rows, mine, adv, pairs, sums, totals)
                 if tail is not None:
-                    # every rank holds the same local rows of the update's chunks: W times as many in all
-                    update_rows = self.dist.world_size * sum(r.stop - r.start for r in chunk_rows)
-                    self._tail_matching(step, rollout, rows, tail, update_rows, totals)
+                    self._tail_matching(step, rollout, rows, tail, local_rows, totals)
             self._optimizer_step(step, totals["grad_norms"])
         self.optimizer.zero_grad(set_to_none=True)
         sums, pairs_done, ratio_dev_max = self.lockstep.reduce_stats(sums, totals["pairs"], totals["ratio_dev_max"])
@@ -508,10 +507,10 @@ class Trainer:
         return out
 
     def _tail_matching(self, step: int, rollout: Rollout, rows: slice, tail: dict[str, torch.Tensor],
-                       update_rows: int, totals: dict[str, Any]) -> None:
+                       local_rows: int, totals: dict[str, Any]) -> None:
         """The tail-matching term's backward for this rank's rows ``rows`` (:mod:`otca_fast.tail_matching`),
-        scaled to the update's mean. Rows of weight 0 are skipped (DDP averages the gradients after the
-        backward passes; FSDP, whose backward is collective, is refused at set-up)."""
+        divided by the update's ``local_rows`` on this rank: DDP's average over the ranks then makes it the mean
+        over the whole update. Rows of weight 0 are skipped (FSDP, whose backward is collective, is refused)."""
         local = torch.arange(rows.start, rows.stop)
         keep = tail["weight"][local + (rollout.rows.start or 0)] != 0
         if not bool(keep.any()):
@@ -523,7 +522,7 @@ class Trainer:
         uncond = rollout.uncond.index(slice(0, b)) if rollout.uncond is not None else None
         per_sample = tail_matching.tail_matching_backward(
             lambda x, sigma: self._velocity(x, sigma, cond, uncond), x0, ids + (rollout.rows.start or 0), tail,
-            self.sigmas, scale=self.cfg.train.tail_matching.weight * self.dist.world_size / update_rows, step=step,
+            self.sigmas, scale=self.cfg.train.tail_matching.weight / local_rows, step=step,
             latent_dtype=self.latent_dtype)
         totals["tail_loss"] += float(per_sample.sum())
         totals["tail_rows"] += b
