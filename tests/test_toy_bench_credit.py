@@ -137,6 +137,16 @@ def test_time_to_target_and_the_compute_ratio():
     assert rows["credit 0.5 importance"]["ratio"].mean == pytest.approx(0.2)  # 4 s of uniform's 20 s
     assert rows["credit 0.5 importance"]["step_time_ratio"] == pytest.approx(0.4)
     assert rows["window 1"]["reached"] == 0 and rows["window 1"]["missed"] == [0] and rows["window 1"]["ratio"] is None
+    # its own final against uniform's, paired by seed: +0.1 on both seeds; window 1 ends 0.05 lower (one seed)
+    assert rows["credit 0.5 importance"]["final_vs_reference"].mean == pytest.approx(0.1)
+    assert rows["window 1"]["final_vs_reference"].mean == pytest.approx(-0.05)
+    assert rows["uniform"]["final_vs_reference"] is None
+    # the goal: reached on every seed with the ratio's interval at most 0.5 (here 0.2 on both seeds)
+    assert rows["credit 0.5 importance"]["goal_met"] and not rows["window 1"]["goal_met"]
+    assert not rows["uniform"]["goal_met"]
+    spread = [_run("credit 0.5 importance", s, (0.45, 0.5), seconds=(t, 18.0)) for s, t in ((0, 4.0), (1, 9.0))]
+    late = {r["variant"]: r for r in compute_rows(uniform + spread, ["credit 0.5 importance"])}
+    assert not late["credit 0.5 importance"]["goal_met"]  # 0.2 and 0.45: the interval reaches above 0.5
 
 
 def test_merge_section_replaces_only_its_own_section():
