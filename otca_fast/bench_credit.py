@@ -387,23 +387,27 @@ def compute_rows(runs: Sequence[dict[str, Any]], names: Sequence[str], *, level:
     from otca_fast.stats import t_interval
 
     ref = {r["seed"]: r for r in runs if r["variant"] == reference}
+    # the rate each seed's reference reaches at the end of its budget: the target, and what "ends lower" means
+    target = {seed: _mean(run["evaluations"][-1]["values"][HEADLINE]) for seed, run in ref.items()}
+    # the reference's own row (how late it reaches its final rate) over the seeds the variants were run on, so
+    # that its row and theirs describe the same runs
+    shared = {r["seed"] for r in runs if r["variant"] in names and r["seed"] in ref} or set(ref)
     rows = []
     for name in [reference, *names]:
-        mine = [r for r in runs if r["variant"] == name and r["seed"] in ref]
+        mine = [r for r in runs if r["variant"] == name and r["seed"] in ref
+                and (name != reference or r["seed"] in shared)]
         if not mine:
             continue
         ratios, missed = [], []
         for run in mine:
-            target = _mean(ref[run["seed"]]["evaluations"][-1]["values"][HEADLINE])
-            reached = time_to_target(run, target)
+            reached = time_to_target(run, target[run["seed"]])
             if reached is None:
                 missed.append(run["seed"])
             else:
                 ratios.append(reached / ref[run["seed"]]["train_seconds"])
         per_step = _mean([r["train_seconds"] / r["steps"] for r in mine]) / _mean(
             [ref[r["seed"]]["train_seconds"] / ref[r["seed"]]["steps"] for r in mine])
-        final = [_mean(r["evaluations"][-1]["values"][HEADLINE])
-                 - _mean(ref[r["seed"]]["evaluations"][-1]["values"][HEADLINE]) for r in mine]
+        final = [_mean(r["evaluations"][-1]["values"][HEADLINE]) - target[r["seed"]] for r in mine]
         ratio = t_interval(ratios, level=level) if ratios else None
         # one seed has no interval (lo is -inf): the goal needs the interval, so one seed never meets it
         goal = (name != reference and not missed and ratio is not None and math.isfinite(ratio.lo)
@@ -434,8 +438,9 @@ def _short(key: str) -> str:
 
 def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
                   settings: dict[str, Any], plot_path: str | Path | None = None,
-                  compute: Sequence[dict[str, Any]] = ()) -> Path:
-    """The Markdown report: settings, the two tables, what they say, the plot."""
+                  compute: Sequence[dict[str, Any]] = (), versus: str | None = None) -> Path:
+    """The Markdown report: settings, the two tables, what they say, the plot; with ``versus`` (a variant among
+    ``runs``) a third table of every credit variant's paired differences from it, on every outcome."""
     keys = _keys(runs)
     base = runs[0]["evaluations"][0]["values"]
     level = round(100 * settings.get("level", 0.9))
@@ -492,6 +497,8 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
             lines.append(f"| {c['variant']} | {c['seeds']} | {c['reached']} | {ratio} | "
                          f"{c['step_time_ratio']:.2f} | {_fmt_interval(c.get('final_vs_reference'))} |")
         lines += ["", *_compute_verdict(compute), ""]
+    if versus is not None:
+        lines += _versus_table(runs, versus, keys, level=settings.get("level", 0.9))
     if plot_path is not None:
         lines += [f"![exam gains]({Path(plot_path).name})", ""]
     out = Path(path)
@@ -502,16 +509,37 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
     return out
 
 
+def _versus_table(runs: Sequence[dict[str, Any]], versus: str, keys: Sequence[str], *,
+                  level: float = 0.9) -> list[str]:
+    """Every credit variant against ``versus`` (not uniform), paired by seed: the question a variant that
+    changes one thing of another asks (MOCA's min-norm mix against the default it is added to, say)."""
+    rows = [r for r in summarise(runs, level=level, reference=versus)
+            if r["variant"] != versus and VARIANTS.get(r["variant"], Variant("", "")).table == "credit"
+            and r["vs_reference"].get(HEADLINE) is not None]
+    pct = round(100 * level)
+    lines = [f"### Paired differences from `{versus}`", "",
+             f"Each variant's gain minus `{versus}`'s, per seed on the seeds both were run on, mean and {pct} % "
+             f"Student-t interval (**above** / **below**: the interval excludes 0); the trading shares likewise "
+             f"(lower is less trading).", "",
+             "| variant | pairs | " + " | ".join(f"Δ {_short(k)}" for k in keys)
+             + " | reward trades | exam trades |", "|" + "---|" * (len(keys) + 4)]
+    for r in rows:
+        cells = [_fmt_interval(r["vs_reference"][k]) for k in keys]
+        cells += [_fmt_interval(r["trades"][kind][2]) for kind in TRADE_KINDS]
+        lines.append(f"| {r['variant']} | {r['vs_reference'][HEADLINE].n} | " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append(f"| (no variant shares a seed with `{versus}`) |" + " |" * (len(keys) + 3))
+    return [*lines, ""]
+
+
 def _compute_verdict(compute: Sequence[dict[str, Any]]) -> list[str]:
     others = [c for c in compute if c.get("final_vs_reference") is not None]
     if not others:
         return ["No selection variant was compared with `uniform` on paired seeds."]
     met = [c["variant"] for c in others if c.get("goal_met")]
-    if met:
-        return [f"Goal (uniform's final all-correct in at most {COMPUTE_GOAL:g} of its training time, on every "
-                f"seed, interval included) met by: **{', '.join(met)}**."]
-    return [f"Goal (uniform's final all-correct in at most {COMPUTE_GOAL:g} of its training time, on every seed, "
-            f"interval included) **not met** by any variant."]
+    goal = (f"Goal (uniform's final all-correct in at most {COMPUTE_GOAL:g} of its training time, on every seed, "
+            f"interval included)")
+    return [f"{goal} met by: **{', '.join(met)}**." if met else f"{goal} **not met** by any variant."]
 
 
 def _verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -594,11 +622,30 @@ def _machine(jobs: int) -> str:
     return where + (f", {jobs} runs at a time" if jobs > 1 else ", one run at a time")
 
 
-def _worker_init(threads: int) -> None:
-    """A ``--jobs`` worker: its share of the CPU cores, so parallel runs do not oversubscribe them."""
+def _worker_init(threads: int, parent: int | None = None) -> None:
+    """A ``--jobs`` worker: its share of the CPU cores, so parallel runs do not oversubscribe them; and it
+    ends when the invocation that started it is gone (``parent``, its pid). A killed driver does not stop a
+    process pool's workers by itself, and an orphaned run keeps training for minutes, contending for the cores
+    with whatever runs next (and inflating that run's step times, which the compute table reads)."""
+    import threading
+
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True,
+                         name="bench_credit-parent-watch").start()
+
+
+def _exit_when_orphaned(parent: int, every_s: float = 2.0) -> None:
+    """Poll the parent's pid: once the worker is re-parented (the driver died), leave at once."""
+    import os
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    print(f"bench_credit worker {os.getpid()}: the invocation that started it (pid {parent}) is gone; stopping",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def read_runs(paths: Sequence[Path], *, expected: dict[str, Any] | None = None,
@@ -671,6 +718,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--quick), then exit; join them with --reuse RUN_DIR/bench_result.json")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the tables from the --reuse runs alone (a benchmark run in chunks)")
+    p.add_argument("--versus", default=None, metavar="VARIANT",
+                   help="also tabulate every credit variant's paired differences from this one (every outcome, "
+                        "trading included), e.g. --versus otca to ask what MOCA adds to the default; the "
+                        "pre-registered comparisons stay against uniform")
     p.add_argument("--out", type=Path, default=None, help="run directories (default: a temporary directory)")
     p.add_argument("--results", type=Path, default=None,
                    help="Markdown report (default: bench/RESULTS.md; with --quick the report is only printed "
@@ -696,7 +747,7 @@ def _train_all(jobs: list[tuple[str, int, Path]], n_jobs: int, kwargs: dict[str,
 
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
+                             initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(run_scheme, scheme, seed, run_dir, **kwargs): (scheme, seed)
                    for scheme, seed, run_dir in jobs}
         for future in as_completed(futures):
@@ -722,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--schemes: unknown {unknown}; expected some of {list(VARIANTS)}")
     if args.jobs < 1:
         raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
+    if args.versus is not None and args.versus not in VARIANTS:
+        raise SystemExit(f"--versus: unknown {args.versus!r}; expected one of {list(VARIANTS)}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
     if args.collect:
         for run_dir in args.collect:
@@ -775,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "machine": ("tables only (--report-only): the runs were trained by earlier invocations"
                                 if args.report_only else _machine(args.jobs)), "level": 0.9}
         plot = plot_results(rows, results.with_name("credit_benchmark.png"))
-        write_results(results, rows, runs, settings, plot_path=plot, compute=compute)
+        write_results(results, rows, runs, settings, plot_path=plot, compute=compute, versus=args.versus)
         (results.with_name("credit_benchmark.json")).write_text(json.dumps(runs) + "\n")
         if args.quick and args.results is None:
             print(results.read_text())

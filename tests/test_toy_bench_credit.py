@@ -147,6 +147,70 @@ def test_time_to_target_and_the_compute_ratio():
     spread = [_run("credit 0.5 importance", s, (0.45, 0.5), seconds=(t, 18.0)) for s, t in ((0, 4.0), (1, 9.0))]
     late = {r["variant"]: r for r in compute_rows(uniform + spread, ["credit 0.5 importance"])}
     assert not late["credit 0.5 importance"]["goal_met"]  # 0.2 and 0.45: the interval reaches above 0.5
+    # uniform's own row covers the seeds the variants were run on, not every uniform run there is
+    third = _run("uniform", 2, (0.4, 0.4), seconds=(10.0, 20.0))  # reaches its final at 0.5, not 1.0
+    rows = {r["variant"]: r for r in compute_rows(uniform + [third] + slow, ["window 1"])}
+    assert rows["uniform"]["seeds"] == 1 and rows["uniform"]["ratio"].mean == pytest.approx(1.0)
+    rows = {r["variant"]: r for r in compute_rows(uniform + [third], [])}  # no variant: every uniform run
+    assert rows["uniform"]["seeds"] == 3
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one not yet reaped, a zombie, counts as gone)."""
+    import os
+    from pathlib import Path
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return not Path("/proc").is_dir()  # gone since os.kill, or no procfs (then os.kill's answer stands)
+    return state != "Z"
+
+
+def test_a_workers_run_stops_when_the_invocation_that_started_it_is_killed(tmp_path):
+    """``--jobs`` workers watch their driver: killing it (as a person stopping the benchmark does) must not
+    leave runs training on the cores that the next benchmark's step times are measured on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from otca_fast.bench_credit import _worker_init\n"
+        "def work(parent, path):\n"
+        "    _worker_init(1, parent)\n"
+        "    open(path + '.tmp', 'w').write(str(os.getpid()))\n"
+        "    os.replace(path + '.tmp', path)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    ctx.Process(target=work, args=(os.getpid(), sys.argv[1])).start()\n"
+        "    time.sleep(120)\n")
+    pid_file = tmp_path / "worker.pid"
+    proc = subprocess.Popen([sys.executable, str(driver), str(pid_file)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.is_file():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        assert _running(worker)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while _running(worker):
+        if time.monotonic() > deadline:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail(f"worker {worker} was still running 30 s after its driver was killed")
+        time.sleep(0.2)
 
 
 def test_merge_section_replaces_only_its_own_section():
@@ -192,6 +256,28 @@ def test_report_only_builds_the_tables_from_chunks_of_runs(tmp_path):
               "--results", str(tmp_path / "x" / "RESULTS.md")])
     with pytest.raises(SystemExit, match="--report-only: expected --reuse"):
         main(["--report-only", "--results", str(tmp_path / "y" / "RESULTS.md")])
+
+
+def test_versus_tabulates_the_paired_differences_from_another_variant(tmp_path):
+    """--versus otca: what λ = 0 (MOCA's min-norm mix) changes against the default it is added to, on every
+    outcome, paired by seed; the pre-registered table stays against uniform."""
+    runs = [_run("uniform", s, (0.2, 0.3 + 0.1 * s)) for s in range(3)]
+    runs += [_run("otca", s, (0.3, 0.35 + 0.1 * s)) for s in range(3)]
+    runs += [_run("otca λ=0", s, (0.3, 0.37 + 0.1 * s)) for s in range(3)]  # +0.02 over otca on every seed
+    runs += [_run("tcd_only", 5, (0.3, 0.4))]  # no seed shared with otca: no row
+    reuse = tmp_path / "runs.json"
+    reuse.write_text(json.dumps(runs))
+    results = tmp_path / "RESULTS.md"
+    assert main(["--report-only", "--trust-unrecorded", "--reuse", str(reuse), "--versus", "otca",
+                 "--results", str(results)]) == 0
+    text = results.read_text()
+    table = text[text.index("### Paired differences from `otca`"):]
+    assert "| otca λ=0 | 3 | +0.020 [+0.020, +0.020] **above** |" in table
+    assert "| uniform | 3 | -0.050 [-0.050, -0.050] **below** |" in table
+    assert "| tcd_only |" not in table and "| otca | " not in table
+    assert "| otca λ=0 | 3 | " in text[:text.index("### Paired differences")]  # the uniform table is still there
+    with pytest.raises(SystemExit, match="--versus: unknown 'nope'"):
+        main(["--report-only", "--reuse", str(reuse), "--versus", "nope", "--results", str(results)])
 
 
 def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
