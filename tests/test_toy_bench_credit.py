@@ -156,18 +156,18 @@ def test_time_to_target_and_the_compute_ratio():
 
 
 def _running(pid: int) -> bool:
-    """Whether ``pid`` is a live process (an exited one not yet reaped, a zombie, counts as gone)."""
-    import os
+    """Whether ``pid`` is a live process: the run lock's liveness check, with an exited process not yet
+    reaped (a zombie) counted as gone."""
     from pathlib import Path
 
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    from otca_fast.runlock import _alive
+
+    if not _alive(pid):
         return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return not Path("/proc").is_dir()  # gone since os.kill, or no procfs (then os.kill's answer stands)
+        return not Path("/proc").is_dir()  # gone since the check, or no procfs (then _alive's answer stands)
     return state != "Z"
 
 
