@@ -25,6 +25,10 @@ Beside the first table, **trading one objective for another** (what OTCA's MOCA 
 against): per variant, the share of held-out prompts on which one trained reward (or one exam verdict)
 rose by more than 0.05 while another fell by more than 0.05, with its paired difference from ``uniform``.
 
+A variant that trains exactly what ``uniform`` trains on the config at hand (:func:`same_as_uniform`: on the
+embedded default, the ``window`` scheme, whose only window is ``uniform``'s SDE steps) is left out of the default
+list with a note, and run with a warning when named.
+
 ``--quick`` (CI): every variant, one seed, one training step of 2 prompts x 2 samples, 2 denoising
 steps, 4 held-out prompts; it checks that everything runs end to end, not which variant wins.
 """
@@ -45,7 +49,7 @@ from typing import Any
 
 __all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference", "trade_share", "TRADE_KINDS",
            "TRADE_THRESHOLD", "COMPUTE_GOAL", "compute_rows", "record_run", "collect_run", "run_directory_name",
-           "Variant", "VARIANTS",
+           "Variant", "VARIANTS", "same_as_uniform",
            "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES", "EXAM_KEYS", "HEADLINE",
            "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme", "summarise", "time_to_target",
            "write_results", "merge_section", "plot_results", "main"]
@@ -146,6 +150,35 @@ def bench_config(scheme: str, seed: int, output_dir: str | Path, *, base_config:
     data["train"]["checkpoint_every"] = data["train"]["max_steps"]
     data["train"]["keep_checkpoints"] = 1
     return parse_config(data, source=f"{base_config} (bench_credit: {scheme}, seed {seed})")
+
+
+def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
+                    quick: bool = False) -> str | None:
+    """Why the variant ``scheme`` trains exactly what ``uniform`` trains on this config, or ``None``.
+
+    A ``window`` whose range leaves one possible window (or whose schedule is ``fixed``) and whose steps are
+    ``uniform``'s SDE steps, every one trained, is ``uniform`` with another random stream: on the embedded
+    default (8 steps, window 4 in [0, 4), the first half of the steps SDE) its runs would measure noise."""
+    from otca_fast.rollout import sde_step_mask
+
+    variant = VARIANTS[scheme]
+    if variant.scheme != "window":
+        return None
+    cfg = bench_config(scheme, 0, "_", base_config=base_config, overrides=overrides, quick=quick)
+    base = bench_config("uniform", 0, "_", base_config=base_config, overrides=overrides, quick=quick)
+    trains_all = base.train.timesteps.mode == "all" and cfg.train.timesteps.mode == "all"
+    if base.sample.sde.mode not in ("all", "fraction") or not trains_all:
+        return None
+    steps, size = cfg.sample.num_steps, cfg.credit.window_size
+    lo, hi = cfg.credit.window_range if cfg.credit.window_range is not None else (0, max(size, steps // 2))
+    if cfg.credit.window_schedule != "fixed" and hi - lo != size:
+        return None  # several windows: the scheme moves its SDE steps, uniform does not
+    only = [lo <= t < lo + size for t in range(steps)]
+    uniform = sde_step_mask(steps, base.sample.sde.mode, fraction=base.sample.sde.fraction).tolist()
+    if only != uniform:
+        return None
+    return (f"its only window, steps {lo}-{lo + size - 1}, is uniform's SDE steps and every one is trained "
+            f"(credit.window_size {size}, credit.window_range [{lo}, {hi}), sample.num_steps {steps})")
 
 
 def shared_settings(*, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
@@ -776,6 +809,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.versus is not None and args.versus not in VARIANTS:
         raise SystemExit(f"--versus: unknown {args.versus!r}; expected one of {list(VARIANTS)}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
+    if not args.quick and not args.report_only and not args.collect:
+        # a variant that trains exactly what uniform trains measures noise: left out of the default list, run
+        # with a warning when named (--quick keeps every variant: it checks code paths, not results)
+        for name in list(names):
+            why = same_as_uniform(name, base_config=args.config, overrides=args.overrides)
+            if why is None:
+                continue
+            if args.schemes is None:
+                names.remove(name)
+                print(f"bench_credit: {name!r} not run: it is uniform on this config ({why})", flush=True)
+            else:
+                print(f"bench_credit: warning: {name!r} is uniform on this config ({why}); its runs measure "
+                      "noise", flush=True)
     if args.collect:
         for run_dir in args.collect:
             try:

@@ -328,3 +328,56 @@ def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
     with pytest.raises(SystemExit, match="recorded without its settings.*--trust-unrecorded"):
         main(["--report-only", "--reuse", str(single), str(old), "--results", out])
     assert main(["--report-only", "--trust-unrecorded", "--reuse", str(single), str(old), "--results", out]) == 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_window_that_is_uniform_is_left_out_of_the_default_list(tmp_path, monkeypatch, capsys):
+    """On the embedded default (8 steps, the first 4 SDE) the ``window`` scheme's window of 4 in [0, 4) has one
+    place, steps 0-3: its rollouts and trained advantages are uniform's, so its runs would measure noise. The
+    full benchmark leaves it out (saying why) and runs it with a warning when it is named."""
+    import torch
+
+    import otca_fast.bench_credit as bench
+    from otca_fast.credit import build_advantages
+    from otca_fast.timesteps import sde_steps
+
+    why = bench.same_as_uniform("window")
+    assert why is not None and "steps 0-3" in why
+    # the claim itself, checked on what the trainer would do: same SDE steps, same advantages on them
+    window_cfg, uniform_cfg = (bench_config(name, 0, tmp_path / name) for name in ("window", "uniform"))
+    masks = [sde_steps(c.sample.num_steps, c.sample.sde, c.credit.scheme, c.credit_config(),
+                       generator=torch.Generator().manual_seed(0), progress=0.0) for c in (window_cfg, uniform_cfg)]
+    assert torch.equal(masks[0][0], masks[1][0]) and masks[0][1] == (0, 4)
+    rewards, groups = torch.randn(8, 3, dtype=torch.float64), torch.arange(8) // 4
+    trained = masks[1][0]
+    adv_window, _ = build_advantages("window", rewards=rewards, group_ids=groups,
+                                     config=window_cfg.credit_config(), window=masks[0][1])
+    adv_uniform, _ = build_advantages("uniform", rewards=rewards, group_ids=groups,
+                                      config=uniform_cfg.credit_config())
+    assert torch.equal(adv_window[:, trained], adv_uniform[:, trained])
+    # windows that move, or that cover other steps, are not uniform
+    for name, overrides in [("window 1", []), ("window 2", []), ("otca", []), ("window", ["credit.window_size=2"]),
+                            ("window", ["credit.window_range=[0, 6]"]),
+                            ("window", ["credit.window_schedule=fixed", "credit.window_range=[2, 6]"])]:
+        assert bench.same_as_uniform(name, overrides=overrides) is None, (name, overrides)
+
+    seen: dict[str, set[str]] = {}
+
+    def fake_train_all(jobs, n_jobs, kwargs):
+        seen["names"] = {name for name, _, _ in jobs}
+        raise _Stop
+
+    monkeypatch.setattr(bench, "_train_all", fake_train_all)
+    common = ["--seeds", "0", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "R.md")]
+    with pytest.raises(_Stop):
+        main(common)
+    assert "window" not in seen["names"] and {"uniform", "window 1", "window 2"} <= seen["names"]
+    assert seen["names"] == set(VARIANTS) - {"window"}
+    assert "'window' not run: it is uniform on this config" in capsys.readouterr().out
+    with pytest.raises(_Stop):
+        main(["--schemes", "window", *common])
+    assert seen["names"] == {"window"}
+    assert "warning: 'window' is uniform on this config" in capsys.readouterr().out
