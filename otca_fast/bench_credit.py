@@ -80,7 +80,15 @@ class Variant:
     name: str
     scheme: str
     overrides: tuple[str, ...] = ()
-    table: str = "credit"  # "credit": which makes better clips; "compute": which reaches them cheaper
+    # "credit": which makes better clips; "compute": which reaches them cheaper; a variant can be in both
+    tables: tuple[str, ...] = ("credit",)
+
+    def in_table(self, table: str) -> bool:
+        return table in self.tables
+
+
+def _in_table(name: str, table: str) -> bool:
+    return name in VARIANTS and VARIANTS[name].in_table(table)
 
 
 def _variants() -> dict[str, Variant]:
@@ -93,16 +101,18 @@ def _variants() -> dict[str, Variant]:
         for mode in ("importance", "topk"):
             rows.append(Variant(f"credit {fraction:g} {mode}", "otca", (
                 "train.timesteps.mode=credit", f"train.timesteps.fraction={fraction}",
-                f"train.timesteps.select_mode={mode}"), table="compute"))
-    # Flow-GRPO-Fast / MixGRPO: a window of 1 or 2 SDE steps (ODE elsewhere) is all that is sampled and trained
+                f"train.timesteps.select_mode={mode}"), tables=("compute",)))
+    # Flow-GRPO-Fast / MixGRPO: a window of 1 or 2 SDE steps (ODE elsewhere) is all that is sampled and trained.
+    # Also the window scheme's rows of the credit table: the scheme's own default (a window of 4 in [0, 4)) is
+    # uniform on the embedded default (same_as_uniform)
     rows += [Variant(f"window {size}", "window", (f"credit.window_size={size}", "credit.window_range=[0, 4]"),
-                     table="compute") for size in (1, 2)]
+                     tables=("credit", "compute")) for size in (1, 2)]
     return {v.name: v for v in rows}
 
 
 VARIANTS: dict[str, Variant] = _variants()
-CREDIT_TABLE: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.table == "credit")
-COMPUTE_TABLE: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.table == "compute")
+CREDIT_TABLE: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.in_table("credit"))
+COMPUTE_TABLE: tuple[str, ...] = tuple(n for n, v in VARIANTS.items() if v.in_table("compute"))
 
 
 def _shapes_world(data: dict[str, Any]) -> None:
@@ -493,7 +503,7 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
         "|" + "---|" * (len(keys) + 3),
     ]
     for r in rows:
-        if VARIANTS.get(r["variant"], Variant("", "")).table != "credit":
+        if not _in_table(r["variant"], "credit"):
             continue
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(_fmt_gain(r["gain"][k]) for k in keys)
                      + f" | {_fmt_interval(r['vs_reference'].get(HEADLINE))} |")
@@ -505,7 +515,7 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
               f"seeds, and the paired difference from `uniform` ({level} % interval; lower is better).", "",
               "| variant | seeds | reward trades | − uniform | exam trades | − uniform |", "|---|---|---|---|---|---|"]
     for r in rows:
-        if VARIANTS.get(r["variant"], Variant("", "")).table != "credit":
+        if not _in_table(r["variant"], "credit"):
             continue
         cells = []
         for kind in TRADE_KINDS:
@@ -547,7 +557,7 @@ def _versus_table(runs: Sequence[dict[str, Any]], versus: str, keys: Sequence[st
     """Every credit variant against ``versus`` (not uniform), paired by seed: the question a variant that
     changes one thing of another asks (MOCA's min-norm mix against the default it is added to, say)."""
     rows = [r for r in summarise(runs, level=level, reference=versus)
-            if r["variant"] != versus and VARIANTS.get(r["variant"], Variant("", "")).table == "credit"
+            if r["variant"] != versus and _in_table(r["variant"], "credit")
             and r["vs_reference"].get(HEADLINE) is not None]
     pct = round(100 * level)
     lines = [f"### Paired differences from `{versus}`", "",
@@ -576,7 +586,7 @@ def _compute_verdict(compute: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
-    credit = [r for r in rows if VARIANTS.get(r["variant"], Variant("", "")).table == "credit"]
+    credit = [r for r in rows if _in_table(r["variant"], "credit")]
     compared = [r for r in credit if r["vs_reference"].get(HEADLINE) is not None]
     if not compared:
         return ["No variant was compared with `uniform` on paired seeds."]
@@ -856,7 +866,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank = {name: i for i, name in enumerate(VARIANTS)}
             runs.sort(key=lambda r: (rank[r["variant"]], r["seed"]))
         rows = summarise(runs)
-        compute = compute_rows(runs, [n for n in VARIANTS if VARIANTS[n].table == "compute"
+        compute = compute_rows(runs, [n for n in VARIANTS if VARIANTS[n].in_table("compute")
                                       and any(r["variant"] == n for r in runs)])
         cfg = bench_config(names[0], seeds[0], out / "_", base_config=args.config, overrides=args.overrides,
                            quick=args.quick)

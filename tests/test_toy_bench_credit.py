@@ -37,6 +37,13 @@ def test_quick_benchmark_trains_each_variant_and_writes_both_tables(tmp_path, jo
     assert all(f"| {v} | 1 |" in text for v in variants)
     assert "### Which credit makes better clips" in text and "### Credit that saves compute" in text
     assert "### Trading one objective for another" in text
+    # a Flow-GRPO-Fast window is judged in both tables: by its clips (the window scheme's row, since the scheme's
+    # own default is uniform on the embedded default) and by its compute
+    better_clips = text.split("### Which credit makes better clips")[1].split("### Trading")[0]
+    trading = text.split("### Trading")[1].split("### Credit that saves compute")[0]
+    compute = text.split("### Credit that saves compute")[1]
+    assert all("| window 1 | 1 |" in part for part in (better_clips, trading, compute))
+    assert "| credit 0.5 importance | 1 |" not in better_clips and "| otca λ=0 | 1 |" not in compute
     assert (tmp_path / "credit_benchmark.png").stat().st_size > 0
     runs = json.loads((tmp_path / "credit_benchmark.json").read_text())
     assert [r["variant"] for r in runs] == variants
@@ -74,6 +81,7 @@ def test_variants_share_the_budget_and_change_only_what_they_name(tmp_path):
     assert a.sample.sde.mode == "fraction"
     assert bench_config("coca", 1, tmp_path / "d", overrides=["train.max_steps=7"]).train.max_steps == 7
     assert set(CREDIT_TABLE) | set(COMPUTE_TABLE) == set(VARIANTS)
+    assert set(CREDIT_TABLE) & set(COMPUTE_TABLE) == {"window 1", "window 2"}
     with pytest.raises(ValueError, match="scheme"):
         bench_config("best_of_n", 0, tmp_path / "e")
 
