@@ -591,12 +591,22 @@ def _verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not compared:
         return ["No variant was compared with `uniform` on paired seeds."]
     beyond = [r for r in compared if r["vs_reference"][HEADLINE].above_zero or r["vs_reference"][HEADLINE].below_zero]
-    best = max(compared, key=lambda r: r["vs_reference"][HEADLINE].mean)
-    lines = [f"Largest all-correct difference from uniform: **{best['variant']}**, "
+    # a partial table (a benchmark run in chunks) ranks only the variants with the most paired seeds: a mean over
+    # fewer seeds is an interim, and its larger noise would win a ranking by the mean alone
+    most = max(r["vs_reference"][HEADLINE].n for r in compared)
+    interim = [r for r in compared if r["vs_reference"][HEADLINE].n < most]
+    best = max((r for r in compared if r["vs_reference"][HEADLINE].n == most),
+               key=lambda r: r["vs_reference"][HEADLINE].mean)
+    among = f" among the variants with {most} paired seeds" if interim else ""
+    lines = [f"Largest all-correct difference from uniform{among}: **{best['variant']}**, "
              f"{_fmt_interval(best['vs_reference'][HEADLINE])}."]
+    if interim:
+        lines.append("On fewer paired seeds (an interim, not ranked): " + ", ".join(
+            f"{r['variant']} ({r['vs_reference'][HEADLINE].n})" for r in interim) + ".")
     if beyond:
-        named = [f"{r['variant']} ({'better' if r['vs_reference'][HEADLINE].above_zero else 'worse'})"
-                 for r in beyond]
+        named = [f"{r['variant']} ({'better' if r['vs_reference'][HEADLINE].above_zero else 'worse'}"
+                 + ("" if r["vs_reference"][HEADLINE].n == most else f", {r['vs_reference'][HEADLINE].n} seeds")
+                 + ")" for r in beyond]
         lines.append("Beyond the noise of the paired seeds: " + ", ".join(named) + ".")
     else:
         lines.append("No variant differs from uniform beyond the noise of the paired seeds.")

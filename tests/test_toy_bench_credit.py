@@ -106,6 +106,23 @@ def test_summary_pairs_each_variant_with_uniform_by_seed():
     assert rows["otca"]["gain"][HEADLINE][1] == pytest.approx(0.1)
 
 
+def test_a_partial_table_ranks_only_the_variants_with_the_most_paired_seeds():
+    """A benchmark run in chunks: a variant on 2 seeds with a large, noisy mean is an interim, not the winner."""
+    from otca_fast.bench_credit import _verdict
+
+    runs = [_run("uniform", s, (0.2, 0.3)) for s in range(4)]
+    runs += [_run("otca", s, (0.2, 0.31 + 0.001 * s)) for s in range(4)]  # +0.011 .. +0.014 on 4 seeds
+    runs += [_run("dance", s, (0.2, 0.40 + 0.1 * s)) for s in range(2)]  # +0.10, +0.20 on 2 seeds
+    lines = _verdict(summarise(runs))
+    assert lines[0].startswith("Largest all-correct difference from uniform among the variants with 4 paired "
+                               "seeds: **otca**")
+    assert lines[1] == "On fewer paired seeds (an interim, not ranked): dance (2)."
+    assert lines[2] == "Beyond the noise of the paired seeds: otca (better)."
+    # a complete table reads as before
+    complete = _verdict(summarise([r for r in runs if r["variant"] != "dance"]))
+    assert complete[0].startswith("Largest all-correct difference from uniform: **otca**")
+
+
 def _trading_run(variant, seed, alignment, quality, shape=(0.0,) * 4, size=(0.0,) * 4):
     """A synthetic run of 4 held-out prompts whose per-prompt changes are given (base 0.5 everywhere)."""
     keys = {"reward/shapes_alignment": alignment, "reward/shapes_quality": quality,
