@@ -169,6 +169,7 @@ def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, o
     A ``window`` whose range leaves one possible window (or whose schedule is ``fixed``) and whose steps are
     ``uniform``'s SDE steps, every one trained, is ``uniform`` with another random stream: on the embedded
     default (8 steps, window 4 in [0, 4), the first half of the steps SDE) its runs would measure noise."""
+    from otca_fast.credit.schemes import window_bounds
     from otca_fast.rollout import sde_step_mask
 
     variant = VARIANTS[scheme]
@@ -180,7 +181,7 @@ def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, o
     if base.sample.sde.mode not in ("all", "fraction") or not trains_all:
         return None
     steps, size = cfg.sample.num_steps, cfg.credit.window_size
-    lo, hi = cfg.credit.window_range if cfg.credit.window_range is not None else (0, max(size, steps // 2))
+    lo, hi = window_bounds(steps, cfg.credit_config())
     if cfg.credit.window_schedule != "fixed" and hi - lo != size:
         return None  # several windows: the scheme moves its SDE steps, uniform does not
     only = [lo <= t < lo + size for t in range(steps)]

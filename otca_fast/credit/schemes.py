@@ -48,6 +48,13 @@ _OWN_STEP_CHOICE = ("dance", "window")
 ConfigLike = CreditConfig | Mapping[str, Any] | Any | None
 
 
+def window_bounds(num_steps: int, config: ConfigLike = None) -> tuple[int, int]:
+    """``[lo, hi)``, the range the ``window`` scheme draws its window in: ``credit.window_range``, or by default
+    ``[0, max(window_size, T // 2))`` (the high-noise half, where exploration changes the sample most)."""
+    cfg = as_credit_config(config)
+    return tuple(cfg.window_range) if cfg.window_range is not None else (0, max(cfg.window_size, num_steps // 2))
+
+
 def window_steps(num_steps: int, config: ConfigLike = None, *, generator: torch.Generator | None = None,
                  progress: float | None = None) -> tuple[int, int]:
     """The ``window`` scheme's SDE window ``[start, stop)`` for this iteration.
@@ -64,7 +71,7 @@ def window_steps(num_steps: int, config: ConfigLike = None, *, generator: torch.
     size = cfg.window_size
     if size > num_steps:
         raise ValueError(f"window_size: expected at most T = {num_steps} steps, got {size}")
-    lo, hi = cfg.window_range if cfg.window_range is not None else (0, max(size, num_steps // 2))
+    lo, hi = window_bounds(num_steps, cfg)
     if hi > num_steps:
         raise ValueError(f"window_range: expected hi <= T = {num_steps}, got {(lo, hi)}")
     positions = hi - size - lo + 1
