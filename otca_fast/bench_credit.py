@@ -25,9 +25,10 @@ Beside the first table, **trading one objective for another** (what OTCA's MOCA 
 against): per variant, the share of held-out prompts on which one trained reward (or one exam verdict)
 rose by more than 0.05 while another fell by more than 0.05, with its paired difference from ``uniform``.
 
-A variant that trains exactly what ``uniform`` trains on the config at hand (:func:`same_as_uniform`: on the
-embedded default, the ``window`` scheme, whose only window is ``uniform``'s SDE steps) is left out of the default
-list with a note, and run with a warning when named.
+A variant that trains exactly what another variant trains on the config at hand (:func:`same_as`; on the
+embedded default: the ``window`` scheme, whose only window is ``uniform``'s SDE steps; and, with MOCA off, the
+ablations ``tcd_only``, which is ``otca``, and ``moca_only``, which is ``uniform``) is left out of the default list,
+run with a warning when named, and named under the credit table with its twin and the reason.
 
 ``--quick`` (CI): every variant, one seed, one training step of 2 prompts x 2 samples, 2 denoising
 steps, 4 held-out prompts; it checks that everything runs end to end, not which variant wins.
@@ -49,7 +50,7 @@ from typing import Any
 
 __all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference", "trade_share", "TRADE_KINDS",
            "TRADE_THRESHOLD", "COMPUTE_GOAL", "compute_rows", "record_run", "collect_run", "run_directory_name",
-           "Variant", "VARIANTS", "same_as_uniform",
+           "Variant", "VARIANTS", "same_as", "same_as_uniform",
            "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES", "EXAM_KEYS", "HEADLINE",
            "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme", "summarise", "time_to_target",
            "write_results", "merge_section", "plot_results", "main"]
@@ -104,7 +105,7 @@ def _variants() -> dict[str, Variant]:
                 f"train.timesteps.select_mode={mode}"), tables=("compute",)))
     # Flow-GRPO-Fast / MixGRPO: a window of 1 or 2 SDE steps (ODE elsewhere) is all that is sampled and trained.
     # Also the window scheme's rows of the credit table: the scheme's own default (a window of 4 in [0, 4)) is
-    # uniform on the embedded default (same_as_uniform)
+    # uniform on the embedded default (same_as)
     rows += [Variant(f"window {size}", "window", (f"credit.window_size={size}", "credit.window_range=[0, 4]"),
                      tables=("credit", "compute")) for size in (1, 2)]
     return {v.name: v for v in rows}
@@ -162,17 +163,37 @@ def bench_config(scheme: str, seed: int, output_dir: str | Path, *, base_config:
     return parse_config(data, source=f"{base_config} (bench_credit: {scheme}, seed {seed})")
 
 
-def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
-                    quick: bool = False) -> str | None:
-    """Why the variant ``scheme`` trains exactly what ``uniform`` trains on this config, or ``None``.
+def same_as(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
+            quick: bool = False) -> tuple[str, str] | None:
+    """``(twin, why)`` when the variant ``scheme`` trains exactly what the variant ``twin`` trains on this config
+    (its runs would repeat the twin's, or differ from them by noise alone), else ``None``.
 
-    A ``window`` whose range leaves one possible window (or whose schedule is ``fixed``) and whose steps are
-    ``uniform``'s SDE steps, every one trained, is ``uniform`` with another random stream: on the embedded
-    default (8 steps, window 4 in [0, 4), the first half of the steps SDE) its runs would measure noise."""
+    * A ``window`` whose range leaves one possible window (or whose schedule is ``fixed``) and whose steps are
+      ``uniform``'s SDE steps, every one trained, is ``uniform`` with another random stream: on the embedded
+      default (8 steps, window 4 in [0, 4), the first half of the steps SDE).
+    * With MOCA off (``credit.exploration`` 1) and unequal reward weights, OTCA's objective mix is
+      ``0·c* + c_static`` = ``c_static`` exactly (:func:`otca_fast.credit.build_advantages`), so ``tcd_only``
+      (TCD's step credit with the static mix) is ``otca`` to the last bit, and ``moca_only`` (that mix on every
+      step alike) is ``uniform``'s ``normalize_then_sum`` static mix ``Σ_k c_k·clip(ẑ_k)`` up to one float32
+      rounding (the same sum in another order): the embedded default's case."""
     from otca_fast.credit.schemes import window_bounds
     from otca_fast.rollout import sde_step_mask
 
     variant = VARIANTS[scheme]
+    if variant.scheme in ("tcd_only", "moca_only"):
+        cfg = bench_config(scheme, 0, "_", base_config=base_config, overrides=overrides, quick=quick)
+        credit = cfg.credit_config()
+        weights = credit.objective_weights
+        if credit.exploration != 1.0 or weights is None or len(set(weights)) < 2:
+            return None
+        mix = f"the static reward weights ({', '.join(f'{w:g}' for w in weights)})"
+        if variant.scheme == "tcd_only":
+            return "otca", (f"credit.exploration 1 turns MOCA off, so otca's objective mix is exactly {mix}, the "
+                            "mix tcd_only puts on the same TCD step credit")
+        if credit.aggregate != "normalize_then_sum":
+            return None
+        return "uniform", (f"credit.exploration 1 turns MOCA off, so moca_only puts {mix} on every step alike: "
+                           "uniform's normalize_then_sum static mix, up to one float32 rounding")
     if variant.scheme != "window":
         return None
     cfg = bench_config(scheme, 0, "_", base_config=base_config, overrides=overrides, quick=quick)
@@ -188,8 +209,17 @@ def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, o
     uniform = sde_step_mask(steps, base.sample.sde.mode, fraction=base.sample.sde.fraction).tolist()
     if only != uniform:
         return None
-    return (f"its only window, steps {lo}-{lo + size - 1}, is uniform's SDE steps and every one is trained "
-            f"(credit.window_size {size}, credit.window_range [{lo}, {hi}), sample.num_steps {steps})")
+    return "uniform", (f"its only window, steps {lo}-{lo + size - 1}, is uniform's SDE steps and every one is "
+                       f"trained (credit.window_size {size}, credit.window_range [{lo}, {hi}), sample.num_steps "
+                       f"{steps})")
+
+
+def same_as_uniform(scheme: str, *, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
+                    quick: bool = False) -> str | None:
+    """Why the variant ``scheme`` trains exactly what ``uniform`` trains on this config, or ``None``
+    (:func:`same_as` with ``uniform`` as the twin)."""
+    twin = same_as(scheme, base_config=base_config, overrides=overrides, quick=quick)
+    return twin[1] if twin is not None and twin[0] == "uniform" else None
 
 
 def shared_settings(*, base_config: str | Path = _DEFAULT_CONFIG, overrides: Sequence[str] = (),
@@ -482,9 +512,12 @@ def _short(key: str) -> str:
 
 def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
                   settings: dict[str, Any], plot_path: str | Path | None = None,
-                  compute: Sequence[dict[str, Any]] = (), versus: str | None = None) -> Path:
+                  compute: Sequence[dict[str, Any]] = (), versus: str | None = None,
+                  twins: dict[str, tuple[str, str]] | None = None) -> Path:
     """The Markdown report: settings, the two tables, what they say, the plot; with ``versus`` (a variant among
-    ``runs``) a third table of every credit variant's paired differences from it, on every outcome."""
+    ``runs``) a third table of every credit variant's paired differences from it, on every outcome; ``twins``
+    (variant → ``(twin, why)``, :func:`same_as`) names the variants not run because they train what their twin
+    trains."""
     keys = _keys(runs)
     base = runs[0]["evaluations"][0]["values"]
     level = round(100 * settings.get("level", 0.9))
@@ -509,6 +542,12 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
         lines.append(f"| {r['variant']} | {r['seeds']} | " + " | ".join(_fmt_gain(r["gain"][k]) for k in keys)
                      + f" | {_fmt_interval(r['vs_reference'].get(HEADLINE))} |")
     lines += ["", *_verdict(rows), ""]
+    for name, (twin, why) in (twins or {}).items():
+        if _in_table(name, "credit"):
+            lines.append(f"- `{name}` is not run: on this config it trains exactly what `{twin}` trains ({why}); "
+                         f"its row is `{twin}`'s.")
+    if twins:
+        lines.append("")
     lines += ["### Trading one objective for another (what MOCA is meant to prevent)", "",
               f"Share of held-out prompts on which, from the base to the end of training, one objective rose by more "
               f"than {TRADE_THRESHOLD} while another fell by more than {TRADE_THRESHOLD} (per prompt, the mean over "
@@ -831,18 +870,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--versus: unknown {args.versus!r}; expected one of {list(VARIANTS)}")
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(8)))
     if not args.quick and not args.report_only and not args.collect:
-        # a variant that trains exactly what uniform trains measures noise: left out of the default list, run
-        # with a warning when named (--quick keeps every variant: it checks code paths, not results)
+        # a variant that trains exactly what another trains measures noise (or repeats the other's runs): left
+        # out of the default list, run with a warning when named (--quick keeps every variant: it checks code
+        # paths, not results)
         for name in list(names):
-            why = same_as_uniform(name, base_config=args.config, overrides=args.overrides)
-            if why is None:
+            twin = same_as(name, base_config=args.config, overrides=args.overrides)
+            if twin is None:
                 continue
             if args.schemes is None:
                 names.remove(name)
-                print(f"bench_credit: {name!r} not run: it is uniform on this config ({why})", flush=True)
+                print(f"bench_credit: {name!r} not run: it is {twin[0]} on this config ({twin[1]})", flush=True)
             else:
-                print(f"bench_credit: warning: {name!r} is uniform on this config ({why}); its runs measure "
-                      "noise", flush=True)
+                print(f"bench_credit: warning: {name!r} is {twin[0]} on this config ({twin[1]}); its runs repeat "
+                      f"{twin[0]}'s", flush=True)
     if args.collect:
         for run_dir in args.collect:
             try:
@@ -894,8 +934,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    else f"`{cfg.model.path}`"),
                     "machine": ("tables only (--report-only): the runs were trained by earlier invocations"
                                 if args.report_only else _machine(args.jobs)), "level": 0.9}
+        ran = {r["variant"] for r in runs}
+        twins = {} if args.quick else {
+            name: twin for name in VARIANTS if name not in ran
+            for twin in [same_as(name, base_config=args.config, overrides=args.overrides)] if twin is not None}
         plot = plot_results(rows, results.with_name("credit_benchmark.png"))
-        write_results(results, rows, runs, settings, plot_path=plot, compute=compute, versus=args.versus)
+        write_results(results, rows, runs, settings, plot_path=plot, compute=compute, versus=args.versus,
+                      twins=twins)
         (results.with_name("credit_benchmark.json")).write_text(json.dumps(runs) + "\n")
         if args.quick and args.results is None:
             print(results.read_text())

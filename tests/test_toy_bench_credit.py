@@ -400,9 +400,69 @@ def test_a_window_that_is_uniform_is_left_out_of_the_default_list(tmp_path, monk
     with pytest.raises(_Stop):
         main(common)
     assert "window" not in seen["names"] and {"uniform", "window 1", "window 2"} <= seen["names"]
-    assert seen["names"] == set(VARIANTS) - {"window"}
-    assert "'window' not run: it is uniform on this config" in capsys.readouterr().out
+    assert seen["names"] == set(VARIANTS) - {"window", "tcd_only", "moca_only"}
+    out = capsys.readouterr().out
+    assert "'window' not run: it is uniform on this config" in out
+    assert "'tcd_only' not run: it is otca on this config" in out
+    assert "'moca_only' not run: it is uniform on this config" in out
     with pytest.raises(_Stop):
         main(["--schemes", "window", *common])
     assert seen["names"] == {"window"}
     assert "warning: 'window' is uniform on this config" in capsys.readouterr().out
+
+
+def test_with_moca_off_the_ablations_are_their_twins_and_say_so(tmp_path):
+    """On the embedded default MOCA is off (exploration 1, reward weights 0.2/0.2/0.6): OTCA's objective mix is
+    0·c* + the static weights, so ``tcd_only`` trains ``otca``'s advantages to the last bit, and ``moca_only``
+    trains ``uniform``'s up to one float32 rounding (the same sum in another order). Checked on what the trainer
+    hands ``build_advantages`` (latents, x0 predictions, the trainable steps, groups of 8 as on the default and of
+    4), rewards wide enough that the ±5 clip bites; the claim is withdrawn as soon as MOCA is on, the weights are
+    equal, or uniform sums before it normalises. The report names them under the credit table."""
+    import torch
+
+    import otca_fast.bench_credit as bench
+    from otca_fast.credit import build_advantages
+
+    assert bench.same_as("tcd_only")[0] == "otca" and bench.same_as("moca_only")[0] == "uniform"
+    assert bench.same_as_uniform("moca_only") is not None and bench.same_as_uniform("tcd_only") is None
+    cfgs = {name: bench_config(name, 0, tmp_path / name) for name in ("otca", "tcd_only", "uniform", "moca_only")}
+    generator = torch.Generator().manual_seed(7)
+    steps = cfgs["otca"].sample.num_steps
+    trainable = torch.arange(steps) < steps // 2
+    for trial in range(20):
+        n, group = (16, 8) if trial % 2 else (16, 4)
+        rewards = torch.rand(n, 3, generator=generator) if trial % 3 else torch.randn(n, 3, generator=generator) * 10
+        rewards[0, trial % 3] = 50.0 * (1 if trial % 4 < 2 else -1)  # one outlier: ẑ is clipped
+        groups = torch.arange(n) // group
+        latents = torch.randn(n, steps + 1, 2, 3, 4, 4, generator=generator)
+        x0_preds = torch.randn(n, steps, 2, 3, 4, 4, generator=generator)
+        adv = {name: build_advantages(cfg.credit.scheme, rewards=rewards, group_ids=groups,
+                                      config=cfg.credit_config(), latents=latents, x0_preds=x0_preds,
+                                      trainable=trainable)[0] for name, cfg in cfgs.items()}
+        assert adv["otca"].abs().max() > 0
+        assert torch.equal(adv["tcd_only"], adv["otca"]), trial
+        torch.testing.assert_close(adv["moca_only"], adv["uniform"], rtol=1e-6, atol=1e-6)
+        assert not torch.equal(adv["otca"], adv["uniform"])  # TCD does move the credit
+    for name, overrides in [("tcd_only", ["credit.exploration=0.1"]), ("moca_only", ["credit.exploration=0"]),
+                            ("tcd_only", ["rewards.0.weight=1", "rewards.1.weight=1", "rewards.2.weight=1"]),
+                            ("moca_only", ["credit.aggregate=sum_then_normalize"]),
+                            ("moca_only λ=0.1", []), ("otca λ=0", [])]:
+        assert bench.same_as(name, overrides=overrides) is None, (name, overrides)
+    # MOCA on, the twins differ: the claim would be false there
+    on = {name: bench_config(name, 0, tmp_path / name, overrides=["credit.exploration=0"])
+          for name in ("otca", "tcd_only")}
+    rewards, groups = torch.randn(16, 3, generator=generator), torch.arange(16) // 4
+    latents = torch.randn(16, steps + 1, 2, 3, 4, 4, generator=generator)
+    x0_preds = torch.randn(16, steps, 2, 3, 4, 4, generator=generator)
+    adv = [build_advantages(cfg.credit.scheme, rewards=rewards, group_ids=groups, config=cfg.credit_config(),
+                            latents=latents, x0_preds=x0_preds, trainable=trainable)[0] for cfg in on.values()]
+    assert not torch.equal(*adv)
+    # the report names the twins with the reason
+    runs = [_run(name, seed, (0.3, 0.4)) for name in ("uniform", "otca") for seed in range(2)]
+    settings = {"command": "python -m otca_fast.bench_credit", "when": "2026-12-06", "machine": "test",
+                "base_model": "b", "budget": "2 steps", "seeds": [0, 1], "level": 0.9}
+    path = bench.write_results(tmp_path / "R.md", bench.summarise(runs), runs, settings,
+                               twins={n: bench.same_as(n) for n in ("tcd_only", "moca_only")})
+    text = path.read_text()
+    assert "`tcd_only` is not run: on this config it trains exactly what `otca` trains" in text
+    assert "`moca_only` is not run: on this config it trains exactly what `uniform` trains" in text
