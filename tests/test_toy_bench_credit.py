@@ -466,3 +466,41 @@ def test_with_moca_off_the_ablations_are_their_twins_and_say_so(tmp_path):
     text = path.read_text()
     assert "`tcd_only` is not run: on this config it trains exactly what `otca` trains" in text
     assert "`moca_only` is not run: on this config it trains exactly what `uniform` trains" in text
+
+
+def test_the_trainer_trains_a_twin_exactly_as_its_twin(tmp_path):
+    """What ``same_as`` claims from the config, checked on the trainer's own path (rollout, the x0 predictions
+    and cosines it hands the credit, the update, the EMA): with MOCA off, two steps of ``tcd_only`` end with
+    weights bit for bit ``otca``'s, and ``moca_only`` within float32 rounding of ``uniform``'s. Four denoising
+    steps (two SDE, both trained) so that TCD does move the credit: ``otca`` and ``uniform`` end apart, which
+    is what makes the equalities above worth checking."""
+    import torch
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    import otca_fast.bench_credit as bench
+    from otca_fast.trainer import Trainer
+
+    overrides = ["train.max_steps=2", "sample.num_steps=4", "eval.enabled=false"]
+    assert bench.same_as("tcd_only", overrides=overrides, quick=True)[0] == "otca"
+    assert bench.same_as("moca_only", overrides=overrides, quick=True)[0] == "uniform"
+
+    def trained(name: str) -> dict[str, dict[str, torch.Tensor]]:
+        out = tmp_path / name
+        cfg = bench_config(name, 0, out, overrides=overrides, quick=True)
+        with Trainer(cfg, console=Console(stderr=True, quiet=True)) as trainer:
+            trainer.train()
+        files = sorted(out.rglob("*.safetensors"))
+        assert files, f"{name}: no checkpoint written under {out}"
+        return {str(f.relative_to(out)): load_file(f) for f in files}
+
+    runs = {name: trained(name) for name in ("otca", "tcd_only", "uniform", "moca_only")}
+    assert runs["otca"].keys() == runs["tcd_only"].keys() == runs["uniform"].keys() == runs["moca_only"].keys()
+    moved = False
+    for file, tensors in runs["otca"].items():
+        for key, value in tensors.items():
+            assert torch.equal(runs["tcd_only"][file][key], value), (file, key)
+            torch.testing.assert_close(runs["moca_only"][file][key], runs["uniform"][file][key], rtol=1e-5,
+                                       atol=1e-6, msg=lambda m, f=file, k=key: f"{f} {k}: {m}")
+            moved |= not torch.equal(value, runs["uniform"][file][key])
+    assert moved, "otca and uniform trained the same weights: TCD moved no credit, so the test shows nothing"
