@@ -501,7 +501,8 @@ def _fmt_interval(c) -> str:
     if c is None:
         return "—"
     if not math.isfinite(c.lo):
-        return f"{c.mean:+.3f} (1 seed)"
+        # one seed, or a few seeds that agree exactly (otca_fast.stats.t_interval: too few for the level)
+        return f"{c.mean:+.3f} (1 seed)" if c.n == 1 else f"{c.mean:+.3f} ({c.n} seeds agree, too few to tell)"
     mark = " **above**" if c.above_zero else " **below**" if c.below_zero else ""
     return f"{c.mean:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]{mark}"
 

@@ -80,7 +80,7 @@ def t_interval(values, *, level: float = 0.9) -> Interval:
 
     For comparisons across seeds, where the bootstrap of 8 values is too narrow: mean ± t·sd/√n with
     n − 1 degrees of freedom (needs scipy, which the ``dev`` extra installs). One value gives an
-    interval of ±inf.
+    interval of ±inf; n equal values give the sign test's [x, x] when 1 − 2·0.5^n reaches ``level``, else ±inf.
     """
     import math
 
@@ -98,5 +98,13 @@ def t_interval(values, *, level: float = 0.9) -> Interval:
     if n == 1:
         return Interval(mean, -math.inf, math.inf, level, 1)
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    if sd <= 1e-12 * max(1.0, max(abs(x) for x in xs)):  # equal up to float rounding of the differences
+        # Every value equal: mean ± t·0 is a point, which "excludes 0" as soon as two seeds of a discrete
+        # metric (shares of 48 prompts) happen to agree. Fall back on the distribution-free interval for
+        # the median, [min, max] = [x, x], whose coverage is 1 − 2·0.5^n (the sign test): a point only from
+        # n = 5 at 90 %; fewer values cannot support the level, so the interval is ±inf, as for one value.
+        if 1 - 2 * 0.5 ** n < level:
+            return Interval(mean, -math.inf, math.inf, level, n)
+        return Interval(mean, mean, mean, level, n)
     half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, level, n)

@@ -13,7 +13,7 @@ from otca_fast.config import ConfigError, load_config
 from otca_fast.evaluation import Evaluation, compare, hacking_alarms
 from otca_fast.judge import format_table, headline_key, judge_run, write_contact_sheet
 from otca_fast.rewards import RewardError, build_reward, score_metrics
-from otca_fast.stats import bootstrap_mean, paired_difference
+from otca_fast.stats import bootstrap_mean, paired_difference, t_interval
 from otca_fast.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,32 @@ def test_paired_difference_of_a_constant_shift_has_no_width():
 # ------------------------------------------------------------------------------------------------
 # metrics with parts, evaluations, alarms
 # ------------------------------------------------------------------------------------------------
+
+def test_t_interval_over_seeds_and_equal_values():
+    """Student-t over seeds; equal values (two seeds of a share of 48 prompts that happen to agree) give no
+    spread, so the interval falls back on the sign test: ±inf until 1 − 2·0.5^n reaches the level."""
+    import math
+
+    from scipy.stats import t as student_t
+
+    xs = [0.01, -0.02, 0.03, 0.0]
+    got = t_interval(xs, level=0.9)
+    sd = math.sqrt(sum((x - 0.005) ** 2 for x in xs) / 3)
+    half = student_t.ppf(0.95, 3) * sd / 2
+    assert got.n == 4 and abs(got.mean - 0.005) < 1e-12
+    assert abs(got.lo - (0.005 - half)) < 1e-12 and abs(got.hi - (0.005 + half)) < 1e-12
+    for n in (2, 3, 4):  # coverage 0.5, 0.75, 0.875 < 0.9: not "below" on agreement alone
+        same = t_interval([-0.021] * n, level=0.9)
+        assert (same.lo, same.hi) == (-math.inf, math.inf) and not same.below_zero, n
+    five = t_interval([-0.021] * 5, level=0.9)  # 1 − 2/32 = 0.9375 >= 0.9
+    assert (five.lo, five.hi) == (-0.021, -0.021) and five.below_zero
+    assert not t_interval([-0.021] * 5, level=0.95).below_zero  # 0.9375 < 0.95
+    rounded = t_interval([0.34375 - 0.3645833333333333, 0.3333333333333333 - 0.3541666666666667], level=0.9)
+    assert rounded.lo == -math.inf, "equal up to float rounding is equal"  # two seeds' shares of 48 prompts
+    zero = t_interval([0.0] * 8, level=0.9)
+    assert not zero.below_zero and not zero.above_zero
+    assert (t_interval([0.3], level=0.9).lo, t_interval([0.3], level=0.9).hi) == (-math.inf, math.inf)
+
 
 def test_score_metrics_logs_every_part_and_the_headline():
     frames, prompts = torch.rand(3, 2, 3, 8, 8), ["a", "b", "c"]
