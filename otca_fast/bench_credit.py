@@ -19,7 +19,9 @@ Two tables, written as a section of ``bench/RESULTS.md`` (other sections are kep
   credit``) and Flow-GRPO-Fast / MixGRPO windows of 1 or 2 steps, against ``uniform`` on every trainable
   step: the training time (the sum of ``time/step_s``, evaluations excluded, same machine, same
   invocation) until the all-correct rate first reaches what ``uniform`` reaches at the end of the budget,
-  as a ratio to ``uniform``'s whole budget, with its interval over the seeds that reached it.
+  as a ratio to ``uniform``'s whole budget, with its interval over the seeds that reached it. Each run records
+  its invocation; a seed whose variant and ``uniform`` were timed by different invocations is left out of this
+  table and named under it.
 
 Beside the first table, **trading one objective for another** (what OTCA's MOCA is meant to guard
 against): per variant, the share of held-out prompts on which one trained reward (or one exam verdict)
@@ -49,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["read_runs", "shared_settings", "settings_digest", "settings_difference", "trade_share", "TRADE_KINDS",
-           "TRADE_THRESHOLD", "COMPUTE_GOAL", "compute_rows", "record_run", "collect_run", "run_directory_name",
+           "TRADE_THRESHOLD", "COMPUTE_GOAL", "compute_rows", "invocation_id", "timed_together", "host_description",
+           "record_run", "collect_run", "run_directory_name",
            "Variant", "VARIANTS", "same_as", "same_as_uniform",
            "CREDIT_TABLE", "COMPUTE_TABLE", "SCHEMES", "ABLATIONS", "OBJECTIVES", "EXAM_KEYS", "HEADLINE",
            "FULL_BUDGET", "SECTION_HEADING", "bench_config", "run_scheme", "summarise", "time_to_target",
@@ -294,8 +297,11 @@ def _heldout_prompts() -> list[str]:
     return [s.prompt for s in split_specs("heldout")]
 
 
-def run_scheme(scheme: str, seed: int, output_dir: str | Path, **config_kwargs: Any) -> dict[str, Any]:
-    """Train one (variant, seed); return every evaluation's per-prompt means and the training time at it."""
+def run_scheme(scheme: str, seed: int, output_dir: str | Path, *, invocation: str | None = None,
+               **config_kwargs: Any) -> dict[str, Any]:
+    """Train one (variant, seed); return every evaluation's per-prompt means and the training time at it.
+    ``invocation`` (:func:`invocation_id`) is recorded with the run: the compute table compares training times
+    only between runs of one invocation (:func:`timed_together`)."""
     from rich.console import Console
 
     from otca_fast.trainer import Trainer
@@ -304,11 +310,12 @@ def run_scheme(scheme: str, seed: int, output_dir: str | Path, **config_kwargs: 
     start = time.perf_counter()
     with Trainer(cfg, console=Console(stderr=True, quiet=True)) as trainer:
         trainer.train()
-    return record_run(scheme, seed, output_dir, wall_seconds=time.perf_counter() - start, **config_kwargs)
+    return record_run(scheme, seed, output_dir, wall_seconds=time.perf_counter() - start, invocation=invocation,
+                      **config_kwargs)
 
 
 def record_run(scheme: str, seed: int, output_dir: str | Path, *, wall_seconds: float | None = None,
-               **config_kwargs: Any) -> dict[str, Any]:
+               invocation: str | None = None, **config_kwargs: Any) -> dict[str, Any]:
     """The benchmark's record of a finished run of (variant, seed) in ``output_dir`` (its evaluations' per-prompt
     means, training times, the shared settings), also written to ``output_dir/bench_result.json``. The run's
     ``config.yaml`` must be the one this invocation would train (``config_kwargs``), presentation keys aside."""
@@ -340,7 +347,8 @@ def record_run(scheme: str, seed: int, output_dir: str | Path, *, wall_seconds: 
     settings = shared_settings(**config_kwargs)
     record = {"variant": scheme, "scheme": cfg.credit.scheme, "seed": seed, "steps": cfg.train.max_steps,
               "wall_seconds": wall_seconds, "train_seconds": sum(step_seconds.values()), "evaluations": evaluations,
-              "settings_digest": settings_digest(settings), "settings": settings}
+              "settings_digest": settings_digest(settings), "settings": settings, "invocation": invocation,
+              "host": host_description()}
     # the run's record beside its metrics: a benchmark stopped half-way keeps what it measured (--reuse)
     (out / "bench_result.json").write_text(json.dumps(record) + "\n")
     return record
@@ -353,7 +361,9 @@ def run_directory_name(scheme: str, seed: int) -> str:
 
 def collect_run(run_dir: str | Path, **config_kwargs: Any) -> dict[str, Any]:
     """:func:`record_run` for a run directory named by :func:`run_directory_name` (the variant and seed are read
-    from its name): a run whose benchmark process stopped after it trained but before it was recorded."""
+    from its name): a run whose benchmark process stopped after it trained but before it was recorded. Which
+    invocation trained it is not known, so it is recorded without one (the compute table calls its pair
+    unchecked)."""
     path = Path(run_dir)
     for scheme in VARIANTS:
         prefix = run_directory_name(scheme, 0)[:-1]
@@ -452,12 +462,32 @@ def time_to_target(run: dict[str, Any], target: float, key: str = HEADLINE) -> f
 COMPUTE_GOAL = 0.5
 
 
+def invocation_id() -> str:
+    """This benchmark invocation's name, recorded with each of its runs: start time, host and process."""
+    import os
+    import platform
+
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {platform.node()} pid {os.getpid()}"
+
+
+def timed_together(run: dict[str, Any], reference: dict[str, Any]) -> bool | None:
+    """Whether two runs' training times compare: True when one invocation recorded both, False when two did
+    (another day, another host load: a time ratio between them measures the host as much as the variant), None
+    when either was recorded before runs kept their invocation (nothing shows either way)."""
+    a, b = run.get("invocation"), reference.get("invocation")
+    return None if a is None or b is None else a == b
+
+
 def compute_rows(runs: Sequence[dict[str, Any]], names: Sequence[str], *, level: float = 0.9,
                  reference: str = "uniform") -> list[dict[str, Any]]:
     """Per variant: how often it reaches, per seed, the all-correct rate the reference reaches at the end of
     its budget, and the training time it takes as a ratio to the reference's whole budget; its own final
     all-correct minus the reference's, paired by seed (a cheap variant that ends lower has not saved compute);
-    and whether it meets :data:`COMPUTE_GOAL` (reached on every seed, ratio interval ≤ the goal)."""
+    and whether it meets :data:`COMPUTE_GOAL` (reached on every seed, ratio interval ≤ the goal).
+
+    Only pairs whose times compare count (:func:`timed_together`): a seed whose variant and reference runs were
+    recorded by different invocations is left out of the row and named in ``mixed``; one recorded before runs
+    kept their invocation counts and is named in ``unchecked``."""
     from otca_fast.stats import t_interval
 
     ref = {r["seed"]: r for r in runs if r["variant"] == reference}
@@ -470,7 +500,15 @@ def compute_rows(runs: Sequence[dict[str, Any]], names: Sequence[str], *, level:
     for name in [reference, *names]:
         mine = [r for r in runs if r["variant"] == name and r["seed"] in ref
                 and (name != reference or r["seed"] in shared)]
+        together = {r["seed"]: timed_together(r, ref[r["seed"]]) for r in mine}
+        mixed = sorted(seed for seed, same in together.items() if same is False)
+        unchecked = sorted(seed for seed, same in together.items() if same is None and name != reference)
+        mine = [r for r in mine if together[r["seed"]] is not False]
         if not mine:
+            if mixed:
+                rows.append({"variant": name, "seeds": 0, "reached": 0, "missed": [], "ratio": None,
+                             "step_time_ratio": None, "final_vs_reference": None, "goal_met": False,
+                             "mixed": mixed, "unchecked": []})
             continue
         ratios, missed = [], []
         for run in mine:
@@ -489,7 +527,7 @@ def compute_rows(runs: Sequence[dict[str, Any]], names: Sequence[str], *, level:
         rows.append({"variant": name, "seeds": len(mine), "reached": len(ratios), "missed": missed,
                      "ratio": ratio, "step_time_ratio": per_step,
                      "final_vs_reference": None if name == reference else t_interval(final, level=level),
-                     "goal_met": goal})
+                     "goal_met": goal, "mixed": mixed, "unchecked": unchecked})
     return rows
 
 
@@ -575,12 +613,14 @@ def write_results(path: str | Path, rows: Sequence[dict[str, Any]], runs: Sequen
                   "| final all-correct − uniform |",
                   "|---|---|---|---|---|---|"]
         for c in compute:
+            if not c["seeds"]:
+                continue
             ratio = "—" if c["ratio"] is None else (
                 f"{c['ratio'].mean:.2f}" + ("" if not math.isfinite(c["ratio"].lo) else
                                             f" [{c['ratio'].lo:.2f}, {c['ratio'].hi:.2f}]"))
             lines.append(f"| {c['variant']} | {c['seeds']} | {c['reached']} | {ratio} | "
                          f"{c['step_time_ratio']:.2f} | {_fmt_interval(c.get('final_vs_reference'))} |")
-        lines += ["", *_compute_verdict(compute), ""]
+        lines += ["", *_compute_verdict(compute), *_compute_pairing(compute), ""]
     if versus is not None:
         lines += _versus_table(runs, versus, keys, level=settings.get("level", 0.9))
     if plot_path is not None:
@@ -614,6 +654,24 @@ def _versus_table(runs: Sequence[dict[str, Any]], versus: str, keys: Sequence[st
     if not rows:
         lines.append(f"| (no variant shares a seed with `{versus}`) |" + " |" * (len(keys) + 3))
     return [*lines, ""]
+
+
+def _seed_list(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _compute_pairing(compute: Sequence[dict[str, Any]]) -> list[str]:
+    """What the compute table left out, or could not check, about which runs were timed together."""
+    lines = []
+    mixed = [f"`{c['variant']}` {_seed_list(c['mixed'])}" for c in compute if c.get("mixed")]
+    if mixed:
+        lines.append("Left out (the variant and `uniform` of that seed were timed by different invocations, so "
+                     "their times do not compare): " + "; ".join(mixed) + ".")
+    unchecked = [f"`{c['variant']}` {_seed_list(c['unchecked'])}" for c in compute if c.get("unchecked")]
+    if unchecked:
+        lines.append("Not checked (recorded before runs kept their invocation, so nothing here shows they were "
+                     "timed beside `uniform`'s run of that seed): " + "; ".join(unchecked) + ".")
+    return [""] + lines if lines else []
 
 
 def _compute_verdict(compute: Sequence[dict[str, Any]]) -> list[str]:
@@ -695,8 +753,11 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _machine(jobs: int) -> str:
-    """Where the benchmark ran, for the report: CPU model and cores, GPU if used, parallel runs."""
+def host_description() -> str:
+    """The host a run trains on, recorded with it: CPU model, cores and torch's CPU vector capability, and the GPU
+    if one is used. Results can differ between kinds of host (other vector kernels round otherwise), and a training
+    run amplifies a difference from its first update on (``bench/RESULTS.md`` has a case), so a run that does not
+    reproduce another says whether the host was the same."""
     import os
     import platform
 
@@ -710,10 +771,15 @@ def _machine(jobs: int) -> str:
                 break
     except OSError:
         pass
-    where = f"{cpu}, {os.cpu_count()} cores"
+    where = f"{cpu}, {os.cpu_count()} cores, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
     if torch.cuda.is_available():
         where += f", {torch.cuda.get_device_name()}"
-    return where + (f", {jobs} runs at a time" if jobs > 1 else ", one run at a time")
+    return where
+
+
+def _machine(jobs: int) -> str:
+    """Where the benchmark ran, for the report: the host (:func:`host_description`) and the parallel runs."""
+    return host_description() + (f", {jobs} runs at a time" if jobs > 1 else ", one run at a time")
 
 
 def _worker_init(threads: int, parent: int | None = None) -> None:
@@ -823,7 +889,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_all(jobs: list[tuple[str, int, Path]], n_jobs: int, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+def _train_all(jobs: list[tuple[str, int, Path]], n_jobs: int, kwargs: dict[str, Any],
+               invocation: str | None = None) -> list[dict[str, Any]]:
     runs = []
 
     def report_run(run: dict[str, Any]) -> None:
@@ -833,7 +900,7 @@ def _train_all(jobs: list[tuple[str, int, Path]], n_jobs: int, kwargs: dict[str,
 
     if n_jobs == 1:
         for scheme, seed, run_dir in jobs:
-            report_run(run_scheme(scheme, seed, run_dir, **kwargs))
+            report_run(run_scheme(scheme, seed, run_dir, invocation=invocation, **kwargs))
         return runs
     import multiprocessing
     import os
@@ -842,7 +909,7 @@ def _train_all(jobs: list[tuple[str, int, Path]], n_jobs: int, kwargs: dict[str,
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
-        futures = {pool.submit(run_scheme, scheme, seed, run_dir, **kwargs): (scheme, seed)
+        futures = {pool.submit(run_scheme, scheme, seed, run_dir, invocation=invocation, **kwargs): (scheme, seed)
                    for scheme, seed, run_dir in jobs}
         for future in as_completed(futures):
             try:
@@ -908,7 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = [] if args.report_only else [(name, seed, out / run_directory_name(name, seed))
                                             for name in names for seed in seeds]
         runs = _train_all(jobs, args.jobs, dict(base_config=args.config, overrides=args.overrides,
-                                                 quick=args.quick)) if jobs else []
+                                                 quick=args.quick), invocation=invocation_id()) if jobs else []
         if reused:
             trained = {(r["variant"], r["seed"]) for r in runs}
             earlier = [r for r in reused if (r["variant"], r["seed"]) not in trained]

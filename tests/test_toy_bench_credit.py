@@ -48,6 +48,9 @@ def test_quick_benchmark_trains_each_variant_and_writes_both_tables(tmp_path, jo
     assert (tmp_path / "credit_benchmark.png").stat().st_size > 0
     runs = json.loads((tmp_path / "credit_benchmark.json").read_text())
     assert [r["variant"] for r in runs] == variants
+    # every run says which invocation timed it and on what host: the compute table pairs times within one invocation
+    assert len({r["invocation"] for r in runs}) == 1 and runs[0]["invocation"]
+    assert all("torch CPU capability" in r["host"] for r in runs)
     base = runs[0]["evaluations"][0]["values"]
     assert HEADLINE in base and all(f"reward/{o}" in base for o in OBJECTIVES)
     for run in runs:
@@ -181,6 +184,33 @@ def test_time_to_target_and_the_compute_ratio():
     assert rows["uniform"]["seeds"] == 1 and rows["uniform"]["ratio"].mean == pytest.approx(1.0)
     rows = {r["variant"]: r for r in compute_rows(uniform + [third], [])}  # no variant: every uniform run
     assert rows["uniform"]["seeds"] == 3
+
+
+def test_the_compute_table_compares_times_only_within_one_invocation():
+    """A variant timed on another day (another host load) than uniform's run of its seed is left out and named;
+    a pair recorded before runs kept their invocation counts but is named as unchecked."""
+    from otca_fast.bench_credit import _compute_pairing, timed_together
+
+    uniform = [_run("uniform", s, (0.25, 0.4)) | {"invocation": "A"} for s in range(3)]
+    window = [_run("window 1", s, (0.45, 0.5), seconds=(4.0, 8.0)) | {"invocation": "A"} for s in range(2)]
+    window.append(_run("window 1", 2, (0.45, 0.5), seconds=(1.0, 2.0)) | {"invocation": "B"})  # a faster host
+    old = [_run("window 2", s, (0.45, 0.5), seconds=(5.0, 10.0)) for s in range(2)]  # no invocation recorded
+    assert timed_together(window[0], uniform[0]) is True and timed_together(window[2], uniform[2]) is False
+    assert timed_together(old[0], uniform[0]) is None
+    rows = {r["variant"]: r for r in compute_rows(uniform + window + old, ["window 1", "window 2"])}
+    # seed 2's 0.05 would pull the ratio down: it is not in the row, and the row says so
+    assert rows["window 1"]["seeds"] == 2 and rows["window 1"]["mixed"] == [2]
+    assert rows["window 1"]["ratio"].mean == pytest.approx(0.2) and rows["window 1"]["unchecked"] == []
+    assert rows["window 2"]["seeds"] == 2 and rows["window 2"]["unchecked"] == [0, 1]
+    assert rows["window 2"]["mixed"] == []
+    assert rows["uniform"]["mixed"] == [] and rows["uniform"]["unchecked"] == []
+    lines = _compute_pairing(list(rows.values()))
+    assert "`window 1` seed 2" in lines[1] and lines[1].startswith("Left out")
+    assert "`window 2` seeds 0, 1" in lines[2] and lines[2].startswith("Not checked")
+    # a variant with no comparable pair has no ratio and no goal, but is still named
+    only_b = {r["variant"]: r for r in compute_rows(uniform + window[2:], ["window 1"])}
+    assert only_b["window 1"]["seeds"] == 0 and only_b["window 1"]["mixed"] == [2]
+    assert not only_b["window 1"]["goal_met"] and only_b["window 1"]["ratio"] is None
 
 
 def _running(pid: int) -> bool:
@@ -345,7 +375,8 @@ def test_reuse_refuses_runs_made_with_other_settings(tmp_path):
     # --collect records a finished run directory whose benchmark process stopped before recording it
     single.unlink()
     assert main(["--quick", "--collect", str(single.parent)]) == 0
-    assert json.loads(single.read_text()) == {**run, "wall_seconds": None}
+    # which invocation trained it is not known: the compute table counts it as unchecked, never as timed together
+    assert json.loads(single.read_text()) == {**run, "wall_seconds": None, "invocation": None}
     with pytest.raises(SystemExit, match=r"--collect .*trained with other settings .*optimizer\.lr: 0\.5 -> "):
         main(["--quick", "--set", "optimizer.lr=0.5", "--collect", str(single.parent)])
     with pytest.raises(SystemExit, match="not a benchmark run directory"):
@@ -395,7 +426,7 @@ def test_a_window_that_is_uniform_is_left_out_of_the_default_list(tmp_path, monk
 
     seen: dict[str, set[str]] = {}
 
-    def fake_train_all(jobs, n_jobs, kwargs):
+    def fake_train_all(jobs, n_jobs, kwargs, invocation=None):
         seen["names"] = {name for name, _, _ in jobs}
         raise _Stop
 
