@@ -21,6 +21,10 @@ TCD's credit shared over the trainable steps only (the last step never trains, s
 carries more of A than when the last one took a share): up to 1.2e-6 in the step-2 advantages under FSDP
 (ddp: below 1e-6); the 2e-6 tolerance leaves a margin over that rounding while staying at the level of
 float32 rounding of O(1) advantages (a rank training the wrong rows changes step 2's rollout outright).
+That measure does not carry across hosts: on an AMD EPYC with torch CPU capability AVX512 (2026-12-07) ddp's
+step-2 advantages differed by 2.5e-6 (rewards by 3.6e-7, within TOL): the rewards' rounding divided by a
+group std. The step-2 advantages get ADV_TOL = 1e-5 (about 80 float32 ulps of 1), still four orders of magnitude
+below what training the wrong rows does; every other comparison keeps TOL.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_video.yaml"
 WORKER = ROOT / "tests" / "dist_worker.py"
 TOL = 2e-6  # 1 vs 2 processes: the same math, summed in a different order
+ADV_TOL = 1e-5  # step-2 advantages: the rewards' rounding over a group std (module docstring)
 
 SMALL = {"run.progress": "plain", "run.plot_every": 0, "run.tensorboard": False,
          "model.tiny": {"transformer": {"num_layers": 1, "ffn_dim": 64}},
@@ -145,7 +150,7 @@ def test_two_ranks_equal_one_process(runs, strategy):
     # step 1 is bit-identical (same weights, same noise per sample); step 2 differs by the rounding of
     # the gradient sum of step 1 (two partial sums averaged instead of one sum)
     assert torch.equal(two["ranks"][0][0]["A"], ref[0]["A"]) and torch.equal(two["ranks"][1][0]["A"], ref[0]["A"])
-    assert adv_diff <= TOL and reward_diff <= TOL, (adv_diff, reward_diff)
+    assert adv_diff <= ADV_TOL and reward_diff <= TOL, (adv_diff, reward_diff)
     loss_diff = max(abs(a - b) for a, b in zip(_losses(one["dir"]), _losses(two["dir"])))
     assert loss_diff <= TOL
     # the updated weights (and EMA and AdamW moments) after 2 steps, from the checkpoints
