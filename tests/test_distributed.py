@@ -23,8 +23,9 @@ carries more of A than when the last one took a share): up to 1.2e-6 in the step
 float32 rounding of O(1) advantages (a rank training the wrong rows changes step 2's rollout outright).
 That measure does not carry across hosts: on an AMD EPYC with torch CPU capability AVX512 (2026-12-07) ddp's
 step-2 advantages differed by 2.5e-6 (rewards by 3.6e-7, within TOL): the rewards' rounding divided by a
-group std. The step-2 advantages get ADV_TOL = 1e-5 (about 80 float32 ulps of 1), still four orders of magnitude
-below what training the wrong rows does; every other comparison keeps TOL.
+group std. The step-2 advantages get ADV_TOL = 1e-5 (about 80 float32 ulps of 1), still at the level of rounding,
+where training the wrong rows changes step 2's rollout outright (not measured here); every other comparison
+keeps TOL.
 """
 
 from __future__ import annotations
